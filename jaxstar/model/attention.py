@@ -1,0 +1,105 @@
+"""Attention kernels and masks, as pure functions.
+
+Axis letters (see `transformer.py`): B batch, L query length, S key length, H query heads,
+K key/value heads, G = H // K query heads per kv head, E head features.
+
+The decoder blocks do not know *which* keys a query may see: each block computes rotated q/k/v
+for its new tokens and hands them to an "attend" object, which owns the key set and the mask.
+`CausalAttend` is the ordinary full-sequence case and `CachedAttend` decodes against a KV cache;
+the Quiet-STaR thought passes bring their own attend objects (prefix + per-position branch).
+Attend objects are pytrees, so they can be broadcast through `nn.scan` over the layers; their
+static fields live in the tree structure.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+# Finite "minus infinity": a fully masked row then gives a uniform softmax instead of NaNs.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+def visible_keys(q_idx, k_idx, k_valid=None, sliding_window: int | None = None):
+  """Boolean mask [B, L, S] (or broadcastable) of the keys each query may attend to.
+
+  Args:
+    q_idx: [B, L] or [L] sequence index of each query.
+    k_idx: [B, S] or [S] sequence index of each key.
+    k_valid: optional [B, S] bool, False for padding keys.
+    sliding_window: a query at i sees keys j with i - window < j <= i (Mistral's convention).
+  """
+  q = jnp.asarray(q_idx)[..., :, None]
+  k = jnp.asarray(k_idx)[..., None, :]
+  mask = k <= q
+  if sliding_window is not None:
+    mask &= (q - k) < sliding_window
+  if k_valid is not None:
+    mask &= jnp.asarray(k_valid, bool)[:, None, :]
+  return mask
+
+
+def attention_scores(q_blhe, k_bske):
+  """Scaled dot products in fp32, [B, K, G, L, S]."""
+  b, l, h, e = q_blhe.shape
+  kv_heads = k_bske.shape[2]
+  q_blkge = q_blhe.reshape(b, l, kv_heads, h // kv_heads, e)
+  scores = jnp.einsum("blkge,bske->bkgls", q_blkge, k_bske,
+                      preferred_element_type=jnp.float32)
+  return scores * (e ** -0.5)
+
+
+def weighted_values(probs_bkgls, v_bske):
+  """Probability-weighted sum of values, [B, L, H, E] in the values' dtype."""
+  out = jnp.einsum("bkgls,bske->blkge", probs_bkgls.astype(v_bske.dtype), v_bske)
+  b, l, k, g, e = out.shape
+  return out.reshape(b, l, k * g, e)
+
+
+def dot_attention(q_blhe, k_bske, v_bske, mask_bls):
+  """Grouped-query softmax attention with a boolean mask; softmax in fp32."""
+  scores = attention_scores(q_blhe, k_bske)
+  scores = jnp.where(mask_bls[:, None, None], scores, MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  return weighted_values(probs, v_bske)
+
+
+@flax.struct.dataclass
+class CausalAttend:
+  """Attention over the block's own tokens with a precomputed mask.
+
+  Attributes:
+    mask_bll: [B, L, L] bool, e.g. `visible_keys(arange(L), arange(L), valid, window)`.
+    return_kv: when True each layer returns its rotated keys and values ([B, L, K, E] each),
+      stacked over layers by the scan (used to prefill caches and by the thought passes).
+  """
+  mask_bll: jax.Array
+  return_kv: bool = flax.struct.field(pytree_node=False, default=False)
+
+  def __call__(self, q, k, v, layer_state: Any):
+    del layer_state
+    out = dot_attention(q, k, v, self.mask_bll)
+    return out, ((k, v) if self.return_kv else None)
+
+
+@flax.struct.dataclass
+class CachedAttend:
+  """Attention of T new tokens against a per-layer KV cache that they are first written into.
+
+  Attributes:
+    index: int32 scalar, the cache slot of the first new token.
+    mask_bts: [B, T, S] bool visibility of every cache slot for every new token.
+  `layer_state` is the layer's `(k_bske, v_bske)` cache; the updated cache is returned.
+  """
+  index: jax.Array
+  mask_bts: jax.Array
+
+  def __call__(self, q, k, v, layer_state):
+    cache_k, cache_v = layer_state
+    start = (0, self.index, 0, 0)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
+    out = dot_attention(q, cache_k, cache_v, self.mask_bts)
+    return out, (cache_k, cache_v)

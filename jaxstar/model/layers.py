@@ -1,0 +1,118 @@
+"""Building blocks of the Mistral decoder: RMSNorm, rotary embeddings, attention and MLP.
+
+Parameters are declared with logical axis names only ('embed', 'heads', 'kv_heads', 'head_dim',
+'mlp', 'vocab', 'norm'); `jaxstar/sharding.py` maps them to mesh axes. Axis letters follow
+`transformer.py`.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxstar.model.config import ModelConfig
+
+INIT_STD = 0.02  # Mistral's initializer_range
+
+
+def dense_init(names: tuple[str, ...]) -> Callable:
+  return nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), names)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Pins an activation's sharding by logical names (a no-op outside a mesh and rules)."""
+  return nn.with_logical_constraint(x, names)
+
+
+class RMSNorm(nn.Module):
+  """Root-mean-square norm computed in fp32, scale initialized to one."""
+  eps: float
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+                       (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    # As Hugging Face: cast back to the activation dtype, then scale.
+    return (scale.astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
+
+
+def apply_rope(x_blhe, positions_bl, theta: float):
+  """Rotary embedding in the Hugging Face rotate-half convention, computed in fp32."""
+  e = x_blhe.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
+  angles = positions_bl.astype(jnp.float32)[..., None] * inv_freq  # [B, L, E/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  x = x_blhe.astype(jnp.float32)
+  x1, x2 = x[..., : e // 2], x[..., e // 2:]
+  rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return rotated.astype(x_blhe.dtype)
+
+
+class Attention(nn.Module):
+  """Projections of grouped-query attention; the key set and mask come from `attend`."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_bld, positions_bl, attend, layer_state):
+    cfg = self.cfg
+    dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, h, k, e = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    q_dhe = self.param("q_proj", dense_init(("embed", "heads", "head_dim")), (d, h, e), pdt)
+    k_dke = self.param("k_proj", dense_init(("embed", "kv_heads", "head_dim")), (d, k, e), pdt)
+    v_dke = self.param("v_proj", dense_init(("embed", "kv_heads", "head_dim")), (d, k, e), pdt)
+    o_hed = self.param("o_proj", dense_init(("heads", "head_dim", "embed")), (h, e, d), pdt)
+    x = x_bld.astype(dtype)
+    q = jnp.einsum("bld,dhe->blhe", x, q_dhe.astype(dtype))
+    kk = jnp.einsum("bld,dke->blke", x, k_dke.astype(dtype))
+    v = jnp.einsum("bld,dke->blke", x, v_dke.astype(dtype))
+    q = constrain(apply_rope(q, positions_bl, cfg.rope_theta),
+                  ("act_batch", "act_len", "act_heads", None))
+    kk = constrain(apply_rope(kk, positions_bl, cfg.rope_theta),
+                   ("act_batch", "act_len", "act_kv_heads", None))
+    v = constrain(v, ("act_batch", "act_len", "act_kv_heads", None))
+    out_blhe, layer_out = attend(q, kk, v, layer_state)
+    out = jnp.einsum("blhe,hed->bld", out_blhe.astype(dtype), o_hed.astype(dtype))
+    return out, layer_out
+
+
+class Mlp(nn.Module):
+  """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_bld):
+    cfg = self.cfg
+    dtype, pdt = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    d, f = cfg.embed_dim, cfg.mlp_dim
+    gate_df = self.param("gate_proj", dense_init(("embed", "mlp")), (d, f), pdt)
+    up_df = self.param("up_proj", dense_init(("embed", "mlp")), (d, f), pdt)
+    down_fd = self.param("down_proj", dense_init(("mlp", "embed")), (f, d), pdt)
+    x = x_bld.astype(dtype)
+    gate = jnp.einsum("bld,df->blf", x, gate_df.astype(dtype))
+    up = jnp.einsum("bld,df->blf", x, up_df.astype(dtype))
+    act = constrain(jax.nn.silu(gate) * up, ("act_batch", "act_len", "act_mlp"))
+    return jnp.einsum("blf,fd->bld", act, down_fd.astype(dtype))
+
+
+class Block(nn.Module):
+  """Pre-norm decoder block. Signature fits `nn.scan`: (carry, *broadcast, scanned)."""
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_bld, positions_bl, attend, layer_state):
+    cfg = self.cfg
+    dtype = jnp.dtype(cfg.dtype)
+    norm = lambda name: RMSNorm(cfg.norm_eps, dtype, jnp.dtype(cfg.param_dtype), name=name)
+    attn_out, layer_out = Attention(cfg, name="attn")(
+        norm("attn_norm")(x_bld), positions_bl, attend, layer_state)
+    x_bld = x_bld + attn_out
+    x_bld = x_bld + Mlp(cfg, name="mlp")(norm("mlp_norm")(x_bld))
+    x_bld = constrain(x_bld.astype(dtype), ("act_batch", "act_len", "act_embed"))
+    return x_bld, layer_out

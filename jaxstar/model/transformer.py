@@ -1,0 +1,183 @@
+"""A Mistral-style decoder in Flax Linen, applied to an explicit params pytree.
+
+Axis letters used in names, einsum strings and shape comments throughout jaxstar:
+  B batch (documents or rows)     L sequence length (queries)     S key length / cache slots
+  D model width (embed_dim)       H query heads                   K key/value heads
+  G query heads per kv head       E features per head             F SwiGLU hidden width
+  V vocabulary                    T thought length                A tokens ahead (talk)
+  P thoughts per position
+
+Parameters (all float32 by default; layer parameters carry a leading layer axis from `nn.scan`):
+  embedding [V, D]; layers/{attn_norm,mlp_norm}/scale [D]; layers/attn/{q_proj [D, H, E],
+  k_proj [D, K, E], v_proj [D, K, E], o_proj [H, E, D]}; layers/mlp/{gate_proj, up_proj [D, F],
+  down_proj [F, D]}; final_norm/scale [D]; lm_head [D, V] (absent when tied).
+
+The layer stack takes an "attend" object (see `attention.py`) that decides which keys each query
+sees, so the same compiled layer body serves the full forward, KV-cache decoding and the
+Quiet-STaR thought passes.
+"""
+from __future__ import annotations
+
+import functools
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxstar.model import attention
+from jaxstar.model.config import ModelConfig
+from jaxstar.model.layers import Block, RMSNorm, constrain, dense_init
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Keys and values of every layer for decoding.
+
+  Attributes:
+    k, v: [num_layers, B, S, K, E] rotated keys / values, slot s holds the token fed at step s.
+    valid: [B, S] bool, True where the slot holds a real (non-padding) token.
+    index: int32 scalar, the next free slot.
+  A sliding window is applied by masking; the cache does not roll.
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[2]
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> KVCache:
+  """An empty cache for `batch` rows of up to `max_len` tokens."""
+  dtype = jnp.dtype(dtype or cfg.dtype)
+  shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
+                 valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+
+class Transformer(nn.Module):
+  """Mistral decoder: embedding, scanned pre-norm blocks, final RMSNorm, lm_head."""
+  cfg: ModelConfig
+
+  def setup(self):
+    cfg = self.cfg
+    pdt = jnp.dtype(cfg.param_dtype)
+    self.embedding = self.param("embedding", dense_init(("vocab", "embed")),
+                                (cfg.vocab_size, cfg.embed_dim), pdt)
+    block = Block
+    if cfg.remat_policy != "none":
+      block = nn.remat(Block, policy=_REMAT[cfg.remat_policy], prevent_cse=False)
+    self.layers = nn.scan(
+        block,
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(nn.broadcast, nn.broadcast, 0),
+        length=cfg.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(cfg, name="layers")
+    self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), pdt, name="final_norm")
+    if not cfg.tie_embeddings:
+      self.lm_head = self.param("lm_head", dense_init(("embed", "vocab")),
+                                (cfg.embed_dim, cfg.vocab_size), pdt)
+
+  def embed(self, tokens_bl):
+    """Token embeddings [B, L, D] in the compute dtype."""
+    x = jnp.take(self.embedding, tokens_bl, axis=0).astype(jnp.dtype(self.cfg.dtype))
+    return constrain(x, ("act_batch", "act_len", "act_embed"))
+
+  def run_layers(self, x_bld, positions_bl, attend, layer_state=None):
+    """All decoder blocks then the final norm.
+
+    Args:
+      x_bld: input embeddings [B, L, D].
+      positions_bl: RoPE position of each input [B, L].
+      attend: an attend object (`attention.CausalAttend`, `attention.CachedAttend`, ...).
+      layer_state: pytree with a leading layer axis given to `attend` layer by layer, or None.
+    Returns:
+      (hidden [B, L, D] after the final norm, per-layer outputs of `attend` stacked on axis 0).
+    """
+    x_bld, layer_out = self.layers(x_bld, positions_bl, attend, layer_state)
+    return self.final_norm(x_bld), layer_out
+
+  def logits(self, h_bld):
+    """Next-token logits [B, L, V] in fp32."""
+    dtype = jnp.dtype(self.cfg.dtype)
+    w_dv = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
+    out = jnp.einsum("bld,dv->blv", h_bld.astype(dtype), w_dv.astype(dtype),
+                     preferred_element_type=jnp.float32)
+    return constrain(out, ("act_batch", "act_len", "act_vocab"))
+
+  def __call__(self, tokens_bl, input_mask_bl=None, positions_bl=None, return_hidden=False):
+    """Full causal forward.
+
+    Args:
+      tokens_bl: int token ids [B, L].
+      input_mask_bl: optional bool [B, L], False at padding (padding keys are never attended).
+      positions_bl: optional RoPE positions [B, L]; defaults to 0..L-1.
+      return_hidden: also return the final-norm hidden states.
+    Returns:
+      logits [B, L, V] fp32, or (logits, hidden [B, L, D]).
+    """
+    b, l = tokens_bl.shape
+    idx = jnp.arange(l, dtype=jnp.int32)
+    if positions_bl is None:
+      positions_bl = jnp.broadcast_to(idx, (b, l))
+    if input_mask_bl is None:
+      input_mask_bl = jnp.ones((b, l), bool)
+    mask = attention.visible_keys(idx, idx, input_mask_bl, self.cfg.sliding_window)
+    hidden, _ = self.run_layers(self.embed(tokens_bl), positions_bl,
+                                attention.CausalAttend(mask_bll=mask))
+    logits = self.logits(hidden)
+    return (logits, hidden) if return_hidden else logits
+
+  def decode(self, tokens_bt, cache: KVCache, token_mask_bt=None, positions_bt=None):
+    """Feeds T tokens through the KV cache: a prefill (T = prompt length) or a decode step (T = 1).
+
+    Args:
+      tokens_bt: int ids [B, T] written to slots cache.index .. cache.index + T - 1.
+      cache: the `KVCache` (its buffers can be donated by the caller's jit).
+      token_mask_bt: optional bool [B, T], False for padding tokens (never attended later).
+      positions_bt: optional RoPE positions [B, T]; defaults to the slot indices.
+    Returns:
+      (logits [B, T, V] fp32, updated cache).
+    """
+    b, t = tokens_bt.shape
+    q_idx = cache.index + jnp.arange(t, dtype=jnp.int32)
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(q_idx, (b, t))
+    if token_mask_bt is None:
+      token_mask_bt = jnp.ones((b, t), bool)
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask_bt.astype(bool), (0, cache.index))
+    k_idx = jnp.arange(cache.max_len, dtype=jnp.int32)
+    mask = attention.visible_keys(q_idx, k_idx, valid, self.cfg.sliding_window)
+    attend = attention.CachedAttend(index=cache.index, mask_bts=mask)
+    hidden, (k, v) = self.run_layers(self.embed(tokens_bt), positions_bt, attend,
+                                     (cache.k, cache.v))
+    new_cache = KVCache(k=k, v=v, valid=valid, index=cache.index + t)
+    return self.logits(hidden), new_cache
+
+
+@functools.lru_cache(maxsize=None)
+def _abstract(cfg: ModelConfig):
+  model = Transformer(cfg)
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+
+
+def abstract_params(cfg: ModelConfig):
+  """Boxed (logically partitioned) abstract params of `cfg`, with no allocation."""
+  return _abstract(cfg)["params"]
+
+
+def count_params(cfg: ModelConfig) -> int:
+  """Number of parameters of `cfg`, from shapes only."""
+  leaves = jax.tree.leaves(nn.unbox(abstract_params(cfg)))
+  return sum(int(x.size) for x in leaves)
