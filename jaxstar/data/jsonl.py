@@ -89,8 +89,8 @@ def read_jsonl(paths: str | Sequence[str], parse: Callable[[Any], T], *,
     if max_rows and len(rows) >= max_rows:
       break
     try:
-      rows.append(parse(json.loads(line)))
-    except (MalformedRow, json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+      rows.append(parse(json.loads(line.decode('utf-8'))))
+    except (MalformedRow, KeyError, TypeError, ValueError) as e:  # JSON and UTF-8 errors too.
       if not skip_malformed:
         raise ValueError(f'{path}:{lineno}: malformed row: {e}') from e
       skipped += 1
@@ -101,10 +101,10 @@ def read_jsonl(paths: str | Sequence[str], parse: Callable[[Any], T], *,
   return Loaded(rows, skipped)
 
 
-def _lines(paths: list[str]) -> Iterator[tuple[str, int, str]]:
-  """Yields (path, 1-based line number, line) for every non-blank line of `paths`."""
+def _lines(paths: list[str]) -> Iterator[tuple[str, int, bytes]]:
+  """Yields (path, 1-based line number, raw line) for every non-blank line of `paths`."""
   for path in paths:
-    with open(path, encoding='utf-8') as f:
+    with open(path, 'rb') as f:  # Bytes, so a bad encoding is reported with its line.
       for lineno, line in enumerate(f, start=1):
         if line.strip():
           yield path, lineno, line

@@ -1,0 +1,17 @@
+"""Data: LM text pipelines (the only grain user) and the STaR QA tasks.
+
+  lm      synthetic / jsonl / Hugging Face documents -> cropped-padded or packed, shuffled,
+          process-sharded, checkpointable batches; `make_global_batch` for jit inputs.
+  tasks   CommonsenseQA, GSM8K and addition: loaders, query formats, hints, answer checkers.
+  jsonl   line-numbered jsonl reading shared by both (malformed rows raise or are counted).
+"""
+from jaxstar.data.jsonl import Loaded, expand_paths, read_jsonl
+from jaxstar.data.lm import (
+    LMPipeline, crop_or_pad, hf_docs, jsonl_docs, lm_dataset, lm_dataset_from_config,
+    make_global_batch, pack_rows, synthetic_arithmetic_doc, synthetic_docs)
+from jaxstar.data.tasks import (
+    Example, addition_answer, addition_query, addition_sample, addition_scratchpad,
+    check_arithmetic, check_csqa, check_gsm8k, extract_arithmetic_answer, extract_csqa_answer,
+    extract_gsm8k_answer, few_shot_context, format_addition, format_csqa_query,
+    format_gsm8k_query, generate_addition, gsm8k_final_answer, load_csqa, load_gsm8k,
+    load_prompts, normalize_number)

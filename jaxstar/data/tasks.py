@@ -1,0 +1,274 @@
+"""STaR question-answering tasks: CommonsenseQA, GSM8K and n-digit addition.
+
+For each task: a loader (jsonl rows -> `Example`), the query format of spec/star.md §1.2 with and
+without the rationalization hint, and answer extraction + checking (§1.4). Few-shot prompt files
+are split on blank lines; the generation context is the exemplars and the query joined by blank
+lines (`few_shot_context`).
+
+Gold answers (`Example.answer`): CommonsenseQA 'A'..'E' ('' for an unlabelled test row); GSM8K
+the final number after "####", normalized (`normalize_number`: no commas, "$", trailing ".0");
+addition the answer line, digits separated by spaces ("5 8").
+"""
+import dataclasses
+import re
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxstar.data import jsonl
+
+END_OF_TEXT = '<|endoftext|>'  # The official code's sample terminator; extraction cuts at it.
+CSQA_HINT = ' (CORRECT)'
+
+
+@dataclasses.dataclass(frozen=True)
+class Example:
+  """One task item.
+
+  Attributes:
+    question: CSQA stem, GSM8K question, or addition operands ("1 5 + 4 3").
+    answer: the gold answer (see the module docstring).
+    choices: CSQA (label, text) pairs as in the file (labels 'A'..'E'); empty otherwise.
+    solution: GSM8K gold worked solution (the `answer` field, ending "#### N"); '' otherwise.
+    raw: the parsed jsonl row (or the operands for addition).
+  """
+
+  question: str
+  answer: str
+  choices: tuple[tuple[str, str], ...] = ()
+  solution: str = ''
+  raw: Any = dataclasses.field(default=None, compare=False, repr=False)
+
+
+# --------------------------------------------------------------------------- CommonsenseQA
+
+
+def _parse_csqa(row: Any) -> Example:
+  q = jsonl.get_field(row, 'question', dict)
+  stem = jsonl.get_field(q, 'stem', str)
+  choices = tuple((jsonl.get_field(c, 'label', str), jsonl.get_field(c, 'text', str))
+                  for c in jsonl.get_field(q, 'choices', list))
+  if not choices:
+    raise jsonl.MalformedRow('no answer choices')
+  answer = row.get('answerKey', '')  # Absent in the unlabelled test split.
+  if not isinstance(answer, str):
+    raise jsonl.MalformedRow(f"field 'answerKey' should be str, got {type(answer).__name__}")
+  if answer and answer not in {label for label, _ in choices}:
+    raise jsonl.MalformedRow(f'answerKey {answer!r} is not a choice label')
+  return Example(question=stem, answer=answer.upper(), choices=choices, raw=row)
+
+
+def load_csqa(path: str | Sequence[str], *, skip_malformed: bool = False,
+              max_rows: int = 0) -> jsonl.Loaded[Example]:
+  """CommonsenseQA in the nested TAU jsonl format (spec/star.md §2.1).
+
+  Raises ValueError "<path>:<line>: ..." on a malformed row unless `skip_malformed`, in which
+  case it is dropped and counted in `.num_skipped`.
+  """
+  return jsonl.read_jsonl(path, _parse_csqa, skip_malformed=skip_malformed, max_rows=max_rows)
+
+
+def format_csqa_query(example: Example, hint: bool = False) -> str:
+  """"Q: <stem>\\nAnswer Choices:\\n(a) <text>\\n...\\nA:"; `hint` marks the gold " (CORRECT)"."""
+  lines = [f'Q: {example.question}', 'Answer Choices:']
+  for label, text in example.choices:
+    mark = CSQA_HINT if hint and label.upper() == example.answer else ''
+    lines.append(f'({label.lower()}) {text}{mark}')
+  lines.append('A:')
+  return '\n'.join(lines)
+
+
+_CSQA_FINAL = re.compile(r'\(([a-eA-E])\)\.\s*$')
+_CSQA_ANY = re.compile(r'\(([a-eA-E])\)')
+
+
+def extract_csqa_answer(text: str, fallback: bool = True) -> str | None:
+  """The predicted letter ('A'..'E') of a generated CSQA rationale, or None.
+
+  As the official code: the first line, cut at <|endoftext|>, must end "(x).". With `fallback`,
+  a line not ending that way gives its last "(x)" instead.
+  """
+  line = text.split('\n', 1)[0].split(END_OF_TEXT, 1)[0]
+  m = _CSQA_FINAL.search(line)
+  if m is None and fallback:
+    found = _CSQA_ANY.findall(line)
+    return found[-1].upper() if found else None
+  return m.group(1).upper() if m else None
+
+
+def check_csqa(text: str, gold: str, fallback: bool = True) -> bool:
+  """Whether the generated `text` answers the gold letter (case-insensitive)."""
+  pred = extract_csqa_answer(text, fallback=fallback)
+  return pred is not None and pred == gold.strip().upper()
+
+
+# ---------------------------------------------------------------------------------- GSM8K
+
+
+def gsm8k_final_answer(solution: str) -> str:
+  """The raw final answer of a GSM8K solution: the text after its last "####", stripped."""
+  if '####' not in solution:
+    raise ValueError("GSM8K solution has no '####' line")
+  return solution.rsplit('####', 1)[1].strip()
+
+
+def normalize_number(s: str) -> str:
+  """Canonical form of a numeric answer: "1,080" -> "1080", "$5" -> "5", "72.0" -> "72"."""
+  s = s.strip().replace(',', '').replace('$', '').strip().rstrip('.')
+  if re.fullmatch(r'[-+]?\d+\.0*', s):
+    s = s.split('.', 1)[0]
+  return s.lstrip('+')
+
+
+def _parse_gsm8k(row: Any) -> Example:
+  question = jsonl.get_field(row, 'question', str)
+  solution = jsonl.get_field(row, 'answer', str)
+  if '####' not in solution:
+    raise jsonl.MalformedRow("field 'answer' has no '#### <number>' line")
+  return Example(question=question, answer=normalize_number(gsm8k_final_answer(solution)),
+                 solution=solution, raw=row)
+
+
+def load_gsm8k(path: str | Sequence[str], *, skip_malformed: bool = False,
+               max_rows: int = 0) -> jsonl.Loaded[Example]:
+  """GSM8K jsonl (question, answer ending "#### N"); malformed rows as `load_csqa`."""
+  return jsonl.read_jsonl(path, _parse_gsm8k, skip_malformed=skip_malformed, max_rows=max_rows)
+
+
+def format_gsm8k_query(example: Example, hint: bool = False,
+                       hint_whole_solution: bool = False) -> str:
+  """"Q: <question>\\nA:".
+
+  `hint` appends " (<final answer>)" to the question, as the hint prompt file does;
+  with `hint_whole_solution` it appends the whole gold solution instead, as the shipped code
+  does (spec/star.md §1.10 #2).
+  """
+  q = example.question
+  if hint:
+    shown = example.solution if hint_whole_solution else gsm8k_final_answer(example.solution)
+    q = f'{q} ({shown})'
+  return f'Q: {q}\nA:'
+
+
+def extract_gsm8k_answer(text: str) -> str | None:
+  """The raw predicted answer: after the last "####" of the first line holding one, or None."""
+  for line in text.split(END_OF_TEXT, 1)[0].split('\n'):
+    if '####' in line:
+      return line.rsplit('####', 1)[1].strip()
+  return None
+
+
+def check_gsm8k(text: str, gold: str, normalize: bool = True) -> bool:
+  """Whether the generated `text` gets the gold answer.
+
+  `normalize=False` is the official pure string comparison ("1,080" != "1080").
+  """
+  pred = extract_gsm8k_answer(text)
+  if pred is None:
+    return False
+  if normalize:
+    return normalize_number(pred) == normalize_number(gold)
+  return pred == gold.strip()
+
+
+# ------------------------------------------------------------------------ few-shot prompts
+
+
+def load_prompts(path: str) -> list[str]:
+  """The exemplars of a few-shot prompt file: its blocks separated by blank lines."""
+  with open(path, encoding='utf-8') as f:
+    text = f.read()
+  blocks = [b.strip('\n') for b in text.split('\n\n')]
+  blocks = [b for b in blocks if b.strip()]
+  if not blocks:
+    raise ValueError(f'{path}: no prompt exemplars')
+  return blocks
+
+
+def few_shot_context(exemplars: Sequence[str], query: str) -> str:
+  """The generation context: exemplars, then the query, joined by blank lines."""
+  return '\n\n'.join([*exemplars, query])
+
+
+# ------------------------------------------------------------------------------- addition
+
+
+def spaced_digits(n: int) -> str:
+  """123 -> "1 2 3"."""
+  return ' '.join(str(n))
+
+
+def addition_scratchpad(a: int, b: int) -> str:
+  """The "<scratch> ... </scratch>" block of spec/star.md §2.3 for a + b (same digit count)."""
+  da, db = str(a), str(b)
+  if a < 0 or b < 0 or len(da) != len(db):
+    raise ValueError(f'addition scratchpad needs two non-negative numbers with the same '
+                     f'number of digits, got {a} and {b}')
+  lines = ['<scratch>', f'{spaced_digits(a)} + {spaced_digits(b)} , C: 0']
+  carry, total = 0, ''
+  for i in reversed(range(len(da))):  # Least-significant pair first.
+    s = int(da[i]) + int(db[i]) + carry
+    total, carry = str(s % 10) + total, s // 10
+    rest = f'{" ".join(da[:i])} + {" ".join(db[:i])} ' if i else ''
+    lines.append(f'{rest}, {" ".join(total)} C: {carry}')
+  lines += [f'{carry} {" ".join(total)}', '</scratch>']
+  return '\n'.join(lines)
+
+
+def addition_query(a: int, b: int) -> str:
+  """"Input:\\n<a> + <b>\\nTarget:" (digits spaced), the hint-free query."""
+  return f'Input:\n{spaced_digits(a)} + {spaced_digits(b)}\nTarget:'
+
+
+def addition_answer(a: int, b: int) -> str:
+  """The answer line: the digits of a + b separated by spaces."""
+  return spaced_digits(a + b)
+
+
+def format_addition(a: int, b: int, scratchpad: bool = True) -> str:
+  """One solved problem block (without the blank line that separates blocks)."""
+  parts = [addition_query(a, b)]
+  if scratchpad:
+    parts.append(addition_scratchpad(a, b))
+  parts.append(addition_answer(a, b))
+  return '\n'.join(parts)
+
+
+def generate_addition(num: int, num_digits: int, seed: int = 0) -> list[Example]:
+  """`num` problems of two uniform `num_digits`-digit numbers (no leading zero), seeded."""
+  if num_digits < 1:
+    raise ValueError(f'num_digits must be >= 1, got {num_digits}')
+  rng = np.random.default_rng([seed, num_digits])
+  lo = 0 if num_digits == 1 else 10 ** (num_digits - 1)
+  out = []
+  for a, b in rng.integers(lo, 10 ** num_digits, size=(num, 2)).tolist():
+    out.append(Example(question=f'{spaced_digits(a)} + {spaced_digits(b)}',
+                       answer=addition_answer(a, b), raw=dict(a=a, b=b)))
+  return out
+
+
+def addition_sample(problems: Sequence[tuple[int, int]], scratchpad: bool = True) -> str:
+  """Several solved blocks separated by blank lines (in-sample few-shot exemplars + query)."""
+  return '\n\n'.join(format_addition(a, b, scratchpad) for a, b in problems)
+
+
+def extract_arithmetic_answer(text: str, direct: bool = False) -> str | None:
+  """The predicted answer line of a generated addition solution (spec/star.md §1.4), or None.
+
+  The line before a "<|endoftext|>" line; else the line after "</scratch>"; else line 0
+  (line 1 in direct mode, where the generation starts with the newline after "Target:").
+  """
+  lines = text.split('\n')
+  if END_OF_TEXT in lines:
+    i = lines.index(END_OF_TEXT) - 1
+  elif '</scratch>' in lines:
+    i = lines.index('</scratch>') + 1
+  else:
+    i = 1 if direct else 0
+  return lines[i].strip() if 0 <= i < len(lines) else None
+
+
+def check_arithmetic(text: str, gold: str, direct: bool = False) -> bool:
+  """Exact match of the extracted answer line with the gold line ("5 8")."""
+  pred = extract_arithmetic_answer(text, direct=direct)
+  return pred is not None and pred == gold.strip()
