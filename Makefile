@@ -7,12 +7,11 @@ BIN := $(VENV)/bin
 
 $(VENV)/.installed: setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[test]'
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python launch/demo.py --workdir=workdirs/demo
+	$(BIN)/python launch/tpu.py --config=configs/pretrain_tiny.py --workdir=workdirs/demo/pretrain
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests

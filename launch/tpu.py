@@ -1,0 +1,47 @@
+"""jaxstar's launcher: flags, multi-host start-up, dispatch on `config.stage`.
+
+  python launch/tpu.py --config=configs/pretrain_tiny.py --workdir=workdirs/pretrain_tiny
+  python launch/tpu.py --config=configs/pretrain_tiny.py:variant=small --config.num_steps=1000 ...
+
+Every host of a TPU pod slice runs the same command; `jax.distributed.initialize()` finds the
+others. Elsewhere (CPU or GPU clusters) pass --coordinator_address, --num_processes and
+--process_id. Exit status: 0 when done, 143 after a SIGTERM (preemption) checkpoint.
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from absl import app  # noqa: E402
+from absl import flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, metrics and logs go here.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (tests).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _start_jax():
+  import jax  # pylint: disable=g-import-not-at-top
+  if _CPU_DEVICES.value:
+    jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+  if _COORDINATOR.value:
+    jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  elif os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") or os.environ.get(
+      "MEGASCALE_COORDINATOR_ADDRESS"):
+    jax.distributed.initialize()  # a multi-host TPU slice: the environment says where peers are
+
+
+def main(argv):
+  del argv
+  _start_jax()
+  from jaxstar import stages  # pylint: disable=g-import-not-at-top
+  stages.run(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)
