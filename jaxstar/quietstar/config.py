@@ -1,0 +1,51 @@
+"""Quiet-STaR hyper-parameters (spec/quietstar.md §4) and their validation."""
+from __future__ import annotations
+
+import dataclasses
+
+REWARD_REDUCTIONS = ("sum", "mean")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuietStarConfig:
+  """Static settings of the thought passes and the losses.
+
+  Naming follows the official code: `n_ahead` counts start + sampled + end + 1, so a thought has
+  `n_ahead - 3` sampled tokens; `n_ahead_talk` is the number of true tokens scored after it.
+  """
+  n_ahead: int = 12                 # A: thought passes + 1 (A - 3 sampled tokens)
+  n_ahead_talk: int = 4             # K: true tokens ahead scored by the non-myopic loss
+  n_passes: int = 2                 # P: thoughts sampled per position (copies of each document)
+  policy_weight: float = 1e6        # weight of the REINFORCE term
+  reinforce_temperature: float = 3.0  # temperature of the score-function log-probabilities
+  base_loss_weight: float = 0.5     # NLL = w * base CE + (1 - w) * mean talk CE
+  embedding_scale: float = 100.0    # start/end vectors are stored / this and used * this
+  remove_negative_rewards: bool = True  # keep only positive advantages (official)
+  reward_reduction: str = "sum"     # sum (official) | mean over the K talk tokens
+  original_mode: bool = False       # the no-thought baseline: plain next-token CE
+  greedy_eval_thoughts: bool = False  # eval thoughts by argmax (paper) instead of T=1 (code)
+
+  def __post_init__(self):
+    if self.original_mode:
+      return
+    if self.n_ahead < 4:
+      raise ValueError(f"quietstar.n_ahead={self.n_ahead} must be >= 4 "
+                       "(start + at least one sampled token + end + 1)")
+    if self.n_ahead_talk < 1:
+      raise ValueError(f"quietstar.n_ahead_talk={self.n_ahead_talk} must be >= 1")
+    if self.n_passes < 1:
+      raise ValueError(f"quietstar.n_passes={self.n_passes} must be >= 1")
+    if self.reward_reduction not in REWARD_REDUCTIONS:
+      raise ValueError(f"quietstar.reward_reduction={self.reward_reduction!r}; "
+                       f"choose one of {REWARD_REDUCTIONS}")
+
+  @property
+  def num_sampled(self) -> int:
+    """Sampled thought tokens per position: A - 3."""
+    return self.n_ahead - 3
+
+  def check_seq_len(self, seq_len: int) -> None:
+    """Raises unless some position has all K talk targets inside a sequence of `seq_len`."""
+    if not self.original_mode and seq_len < self.n_ahead_talk + 2:
+      raise ValueError(f"data.seq_len={seq_len} is too short for quietstar.n_ahead_talk="
+                       f"{self.n_ahead_talk}: need at least n_ahead_talk + 2 tokens")

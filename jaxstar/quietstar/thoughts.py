@@ -1,0 +1,273 @@
+"""Thoughts at every position, in parallel (spec/quietstar.md §1.3-1.7).
+
+Axis letters as in `jaxstar/model/transformer.py`; here also N = B * P rows (the P copies of a
+document are adjacent: row n = b * P + p), T = thought tokens so far in a branch, Q = tokens per
+position in one pass (1 while thinking, A = n_ahead_talk in the talk pass), and `i` the text
+position a branch hangs off.
+
+Pass schedule, with A' = n_ahead (the official name):
+  base pass            text x_i at position i, once per document (not once per copy);
+  thought pass s=1     start vector at i + 1;  its logits sample t_1
+  thought pass s       t_{s-1} at i + s (s = 2 .. A'-2); logits sample t_s up to s = A'-3
+  talk pass            [end, x_{i+1}, ..., x_{i+A-1}] at i + A'-1 + k, one block per position.
+
+Attention is the official "causal block + one diagonal block per pass" mask computed cheaply:
+the base pass's keys/values are kept once per document; each query is scored against its causal
+prefix of text keys and, element-wise, against its own branch (the keys of earlier passes at the
+same position), plus causally within its own talk block; one softmax over all of them. A
+padded position's branch sees only the real prefix (its diagonal entries are masked), as in the
+official code.
+
+Every pass keeps only its new keys/values (one [layers, N, L, K, E] pair per pass, no growing
+buffer in a loop carry), so memory grows linearly with the thought length.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from jaxstar.model import attention
+from jaxstar.model import transformer
+from jaxstar.model.config import ModelConfig
+from jaxstar.quietstar.config import QuietStarConfig
+from jaxstar.quietstar.mixing import MixingHead, mix
+
+MASKED_LOGIT = -1e10  # start/end logits while sampling thoughts (official value)
+
+
+@flax.struct.dataclass
+class ThoughtAttend:
+  """Attention of Q new tokens per position and copy against prefix + branch + own block.
+
+  Queries arrive as [N, L * Q, H, E] (position-major). `layer_state` per layer is
+  `(prefix_k, prefix_v, branch)`: prefix [B, L, K, E] from the base pass, branch a tuple of
+  (k, v) pairs [N, L, K, E], one per earlier thought pass. Returns the new keys/values.
+
+  Attributes:
+    prefix_mask_bij: [B, L, L] bool, text key j visible to branch i (causal, window, padding).
+    own_ok_bi: [B, L] bool, False where x_i is padding (its branch and block keys are masked).
+    passes: P (static).
+    block: Q (static).
+  """
+  prefix_mask_bij: jax.Array
+  own_ok_bi: jax.Array
+  passes: int = flax.struct.field(pytree_node=False)
+  block: int = flax.struct.field(pytree_node=False)
+
+  def __call__(self, q, k, v, layer_state):
+    prefix_k, prefix_v, branch = layer_state
+    b, l, kv_heads, e = prefix_k.shape
+    p, qn = self.passes, self.block
+    h = q.shape[2]
+    g = h // kv_heads
+    f32 = jnp.float32
+    # The Q block queries and the G grouped heads of a position share every prefix and branch
+    # key, so they ride on one axis X = Q * G ('bpikxe'); only the block part tells them apart.
+    qx = q.reshape(b, p, l, qn, kv_heads, g, e).transpose(0, 1, 2, 4, 3, 5, 6)
+    qx = qx.reshape(b, p, l, kv_heads, qn * g, e) * jnp.asarray(e ** -0.5, q.dtype)
+    k6 = k.reshape(b, p, l, qn, kv_heads, e)
+    v6 = v.reshape(b, p, l, qn, kv_heads, e)
+    per_row = lambda a: a.reshape(b, p, l, kv_heads, e)
+
+    s_pre = jnp.einsum("bpikxe,bjke->bpikxj", qx, prefix_k, preferred_element_type=f32)
+    s_pre = jnp.where(self.prefix_mask_bij[:, None, :, None, None, :], s_pre,
+                      attention.MASK_VALUE)
+    own = self.own_ok_bi[:, None, :, None, None, None]
+    s_branch = [jnp.einsum("bpikxe,bpike->bpikx", qx, per_row(bk),
+                           preferred_element_type=f32)[..., None] for bk, _ in branch]
+    s_branch = [jnp.where(own, s, attention.MASK_VALUE) for s in s_branch]
+    s_block = jnp.einsum("bpikxe,bpirke->bpikxr", qx, k6, preferred_element_type=f32)
+    causal = (jnp.arange(qn * g)[:, None] // g) >= jnp.arange(qn)[None, :]     # [X, Q]
+    s_block = jnp.where(causal & own, s_block, attention.MASK_VALUE)
+
+    probs = jax.nn.softmax(jnp.concatenate([s_pre] + s_branch + [s_block], axis=-1), axis=-1)
+    probs = probs.astype(v.dtype)
+    out = jnp.einsum("bpikxj,bjke->bpikxe", probs[..., :l], prefix_v)
+    for j, (_, bv) in enumerate(branch):
+      out = out + probs[..., l + j, None] * per_row(bv)[:, :, :, :, None, :]
+    out = out + jnp.einsum("bpikxr,bpirke->bpikxe", probs[..., l + len(branch):], v6)
+    out = out.reshape(b, p, l, kv_heads, qn, g, e).transpose(0, 1, 2, 4, 3, 5, 6)
+    return out.reshape(b * p, l * qn, h, e), (k, v)
+
+
+def thought_init_vector(embedding_vd, init_id: int, scale: float):
+  """Initial start/end parameter: E[id of '---'] / scale (used as scale * parameter)."""
+  return embedding_vd[init_id] / scale
+
+
+class QuietStarModel(nn.Module):
+  """The language model plus learned start/end thought vectors and the mixing head.
+
+  Parameters: `lm` (a `Transformer`), `start_thought` [D], `end_thought` [D] (stored divided by
+  `embedding_scale`), `mixing` (the `MixingHead`).
+  """
+  cfg: ModelConfig
+  qs: QuietStarConfig
+  start_id: int   # token id of <|startthought|> (masked while sampling thoughts)
+  end_id: int     # token id of <|endthought|>
+  init_id: int = 0  # token whose embedding initializes start/end (the first id of '---')
+  pad_id: int = 2   # fed as the teacher-forced token past the end of the sequence
+
+  def setup(self):
+    d = self.cfg.embed_dim
+    self.lm = transformer.Transformer(self.cfg)
+    init = lambda rng, shape: thought_init_vector(self.lm.embedding, self.init_id,
+                                                  self.qs.embedding_scale)
+    names = nn.with_logical_partitioning(init, ("norm",))
+    self.start_thought = self.param("start_thought", names, (d,))
+    self.end_thought = self.param("end_thought", names, (d,))
+    self.mixing = MixingHead(d, jnp.dtype(self.cfg.dtype), jnp.dtype(self.cfg.param_dtype),
+                             name="mixing")
+
+  def init_all(self, tokens_bl):
+    """Touches every parameter (for `init`)."""
+    logits, hidden = self.lm(tokens_bl, return_hidden=True)
+    w = self.mixing(hidden, hidden)
+    return logits, w, self.start_thought, self.end_thought
+
+  def _vector(self, param, shape):
+    vec = (param * self.qs.embedding_scale).astype(jnp.dtype(self.cfg.dtype))
+    return jnp.broadcast_to(vec, shape)
+
+  def _head(self):
+    """The lm_head matrix [D, V]."""
+    return self.lm.embedding.T if self.cfg.tie_embeddings else self.lm.lm_head
+
+  def __call__(self, tokens_bl, mask_bl, rng, *, forced_thoughts=None, greedy=False,
+               return_logits=False):
+    """Runs the base pass, the thought passes and the talk pass.
+
+    Args:
+      tokens_bl: [B, L] int token ids; mask_bl: [B, L] real-token mask (right padding).
+      rng: key for sampling thought tokens (T = 1, start/end excluded).
+      forced_thoughts: optional [N, L, A'-3] thought tokens used instead of samples (tests).
+      greedy: argmax thoughts instead of sampling.
+      return_logits: also return the full logits (tests; costs memory).
+    Returns:
+      dict with
+        base_ce [B, L]: CE of x_{i+1} under the base logits at i (0 at i = L-1),
+        talk_ce [N, L, A]: CE of x_{i+k+1} under the mixed logits of talk step k,
+        thought_logprob [N, L, A'-3]: log-probability of each sampled thought token at the
+          REINFORCE temperature (with gradient),
+        thoughts [N, L, A'-3], mix_weight [N, L, A], base_hidden [B, L, D],
+        talk_hidden [N, L, A, D]; with return_logits also base_logits [B, L, V],
+        thought_logits [N, L, A'-3, V] (start/end masked) and talk_logits [N, L, A, V].
+    """
+    qs, cfg = self.qs, self.cfg
+    b, l = tokens_bl.shape
+    p, talk = qs.n_passes, qs.n_ahead_talk
+    n, d = b * p, cfg.embed_dim
+    valid = mask_bl.astype(bool)
+    idx = jnp.arange(l, dtype=jnp.int32)
+    w_dv = self._head()
+    remat = cfg.remat_policy != "none"
+    out = {}
+
+    # Base pass: once per document; its keys/values are every branch's prefix.
+    prefix_mask = attention.visible_keys(idx, idx, valid, cfg.sliding_window)
+    base_hidden, prefix_kv = self.lm.run_layers(
+        self.lm.embed(tokens_bl), jnp.broadcast_to(idx, (b, l)),
+        attention.CausalAttend(prefix_mask, return_kv=True))
+    next_tokens = jnp.roll(tokens_bl, -1, axis=1)
+    out["base_ce"] = token_ce(base_hidden, w_dv, next_tokens, remat, cfg.dtype)
+    if return_logits:
+      out["base_logits"] = self.lm.logits(base_hidden)
+
+    def run(x_nld, positions, block, branch):
+      attend = ThoughtAttend(prefix_mask, valid, passes=p, block=block)
+      return self.lm.run_layers(x_nld, positions, attend, (*prefix_kv, tuple(branch)))
+
+    # Thought passes: start, then sampled tokens; each adds one key/value per position.
+    sample = jax.checkpoint(sample_thought, static_argnums=(4, 5, 6, 7)) if remat \
+        else sample_thought
+    branch, thoughts, logprobs, thought_logits = [], [], [], []
+    x = self._vector(self.start_thought, (n, l, d))
+    for s in range(1, qs.n_ahead - 1):
+      hidden, kv = run(x, jnp.broadcast_to(idx + s, (n, l)), 1, branch)
+      branch.append(kv)
+      if s > qs.num_sampled:
+        break  # the last thought token's output is unused: the end token is forced next
+      forced = None if forced_thoughts is None else forced_thoughts[:, :, s - 1]
+      token, logprob = sample(hidden, w_dv, jax.random.fold_in(rng, s), forced,
+                              (self.start_id, self.end_id), qs.reinforce_temperature, greedy,
+                              cfg.dtype)
+      thoughts.append(token)
+      logprobs.append(logprob)
+      if return_logits:
+        thought_logits.append(self.thought_logits(hidden))
+      x = self.lm.embed(token)
+    out["thoughts"] = jnp.stack(thoughts, axis=-1)
+    out["thought_logprob"] = jnp.stack(logprobs, axis=-1)
+    if return_logits:
+      out["thought_logits"] = jnp.stack(thought_logits, axis=2)
+
+    # Talk pass: [end, x_{i+1}, ..., x_{i+A-1}] per position as one causal block.
+    shifted = lambda x_bl, ks: jnp.stack([jnp.roll(x_bl, -k, axis=1) for k in ks], axis=2)
+    ahead = shifted(tokens_bl, range(1, talk))                            # [B, L, A-1]
+    beyond = idx[:, None] + jnp.arange(1, talk) >= l                      # past the text: pad
+    ahead = jnp.repeat(jnp.where(beyond, self.pad_id, ahead), p, axis=0)  # [N, L, A-1]
+    x_talk = jnp.concatenate([self._vector(self.end_thought, (n, l, 1, d)),
+                              self.lm.embed(ahead.reshape(n, -1)).reshape(n, l, talk - 1, d)],
+                             axis=2).reshape(n, l * talk, d)
+    talk_pos = (idx[:, None] + qs.n_ahead - 1 + jnp.arange(talk, dtype=jnp.int32)).reshape(-1)
+    talk_hidden, _ = run(x_talk, jnp.broadcast_to(talk_pos, (n, l * talk)), talk, branch)
+    talk_hidden = talk_hidden.reshape(n, l, talk, d)
+
+    # Mixing: the talk state at (i, k) predicts x_{i+k+1}, as does the base state at i + k.
+    base_rolled = jnp.repeat(shifted(base_hidden, range(talk)), p, axis=0)  # [N, L, A, D]
+    w = self.mixing(base_rolled, talk_hidden)                              # [N, L, A, 1]
+    h_mix = mix(base_rolled, talk_hidden, w)
+    targets = jnp.repeat(shifted(tokens_bl, range(1, talk + 1)), p, axis=0)  # [N, L, A]
+    out["talk_ce"] = token_ce(h_mix, w_dv, targets, remat, cfg.dtype)
+    if return_logits:
+      out["talk_logits"] = self.lm.logits(h_mix.reshape(n, l * talk, d)).reshape(n, l, talk, -1)
+    out.update(mix_weight=w[..., 0], base_hidden=base_hidden, talk_hidden=talk_hidden)
+    return out
+
+  def thought_logits(self, h_nld):
+    """lm_head logits with the start/end ids masked: the thought sampling distribution."""
+    return mask_thought_ids(self.lm.logits(h_nld), (self.start_id, self.end_id))
+
+
+def mask_thought_ids(logits, ids):
+  banned = jnp.zeros(logits.shape[-1], bool).at[jnp.array(ids)].set(True)
+  return jnp.where(banned, MASKED_LOGIT, logits)
+
+
+def _logits(h, w_dv, dtype):
+  return jnp.einsum("...d,dv->...v", h.astype(dtype), w_dv.astype(dtype),
+                    preferred_element_type=jnp.float32)
+
+
+def token_ce(h, w_dv, targets, remat: bool, dtype: str = "float32"):
+  """Cross-entropy of `targets` under the logits h @ w_dv, in fp32; shape of `targets`.
+
+  With `remat` the [..., V] logits are recomputed in the backward pass instead of stored.
+  """
+  def ce(h, w_dv, targets):
+    logits = _logits(h, w_dv, jnp.dtype(dtype))
+    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jax.nn.logsumexp(logits, axis=-1) - target_logit
+  return (jax.checkpoint(ce) if remat else ce)(h, w_dv, targets)
+
+
+def sample_thought(h_nld, w_dv, key, forced, ids, temperature, greedy, dtype):
+  """Samples a thought token per position from softmax(logits) at T = 1, start/end excluded.
+
+  Returns (token [N, L] int32, log-probability of it under softmax(logits / temperature)).
+  The token carries no gradient (no straight-through): only REINFORCE teaches the choice.
+  """
+  logits = mask_thought_ids(_logits(h_nld, w_dv, jnp.dtype(dtype)), ids)
+  if forced is not None:
+    token = forced
+  elif greedy:
+    token = jnp.argmax(logits, axis=-1)
+  else:
+    token = jax.random.categorical(key, logits, axis=-1)
+  token = jax.lax.stop_gradient(token).astype(jnp.int32)
+  logprob = jax.nn.log_softmax(logits / temperature, axis=-1)
+  return token, jnp.take_along_axis(logprob, token[..., None], axis=-1)[..., 0]

@@ -1,0 +1,181 @@
+"""Quiet-STaR: the parallel thought passes against a naive per-position reference, step-0
+identities, advantages, and configuration errors."""
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxstar import model as model_lib
+from jaxstar.model import attention
+from jaxstar.quietstar import config as qs_config
+from jaxstar.quietstar import loss as qs_loss
+from jaxstar.quietstar import thoughts
+
+START, END, PAD = 259, 260, 2
+
+
+def _model(n_ahead=5, talk=3, passes=2, **cfg_kw):
+  cfg = model_lib.get_config("tiny", num_layers=2, **cfg_kw)
+  qs = qs_config.QuietStarConfig(n_ahead=n_ahead, n_ahead_talk=talk, n_passes=passes)
+  return thoughts.QuietStarModel(cfg, qs, start_id=START, end_id=END, init_id=48, pad_id=PAD)
+
+
+def _params(model, tokens, seed=0, perturb_mixing=True):
+  params = nn.unbox(model.init(jax.random.key(seed), tokens,
+                               method=thoughts.QuietStarModel.init_all)["params"])
+  if perturb_mixing:  # a trained-looking head, so the mixing weight is not 0
+    out = params["mixing"]["out_proj"]["kernel"]
+    params["mixing"]["out_proj"]["kernel"] = jax.random.normal(jax.random.key(7), out.shape) * 0.5
+    params["start_thought"] = params["start_thought"] + 0.01
+  return params
+
+
+def _batch(b=2, l=8):
+  tokens = jax.random.randint(jax.random.key(1), (b, l), 3, 250)
+  mask = jnp.ones((b, l), jnp.int32).at[1, l - 2:].set(0)
+  tokens = jnp.where(mask > 0, tokens, PAD)
+  return tokens, mask
+
+
+def _naive(model, params, tokens, mask, thoughts_nls):
+  """Literally inserts start, the thoughts, end and the true tokens after each position."""
+  qs, cfg = model.qs, model.cfg
+  lm = model_lib.Transformer(cfg)
+  lm_p = params["lm"]
+  b, l = tokens.shape
+  p, talk, s_n = qs.n_passes, qs.n_ahead_talk, qs.num_sampled
+  scale = qs.embedding_scale
+  base_logits, base_hidden = lm.apply({"params": lm_p}, tokens, mask > 0, return_hidden=True)
+  embed = lambda t: lm.apply({"params": lm_p}, jnp.asarray(t)[None], method=lm.embed)[0]
+  seqs, lengths, rows = [], [], []
+  for n in range(b * p):
+    d = n // p
+    for i in range(l):
+      if not mask[d, i]:
+        continue
+      ahead = [int(tokens[d, i + k]) if i + k < l else PAD for k in range(1, talk)]
+      x = jnp.concatenate([embed(tokens[d, :i + 1]),
+                           params["start_thought"][None] * scale,
+                           embed(thoughts_nls[n, i]),
+                           params["end_thought"][None] * scale] +
+                          ([embed(ahead)] if ahead else []), axis=0)
+      seqs.append(x)
+      lengths.append(x.shape[0])
+      rows.append((n, i))
+  max_len = max(lengths)
+  x = jnp.stack([jnp.pad(s, ((0, max_len - s.shape[0]), (0, 0))) for s in seqs])
+  idx = jnp.arange(max_len)
+  causal = attention.visible_keys(idx, idx, None, cfg.sliding_window)
+  causal = jnp.broadcast_to(causal, (x.shape[0], max_len, max_len))
+  pos = jnp.broadcast_to(idx, x.shape[:2])
+  hidden, _ = lm.apply({"params": lm_p}, x, pos, attention.CausalAttend(causal),
+                       method=lm.run_layers)
+  logits = lm.apply({"params": lm_p}, hidden, method=lm.logits)
+  thought_logits = np.full((b * p, l, s_n, cfg.vocab_size), np.nan, np.float32)
+  talk_hidden = np.full((b * p, l, talk, cfg.embed_dim), np.nan, np.float32)
+  for r, (n, i) in enumerate(rows):
+    thought_logits[n, i] = logits[r, i + 1:i + 1 + s_n]       # start, t_1 .. t_{S-1}
+    first = i + 1 + s_n + 1                                   # the end token
+    talk_hidden[n, i] = hidden[r, first:first + talk]
+  return base_logits, base_hidden, thought_logits, talk_hidden
+
+
+def test_parallel_thoughts_match_naive_reference():
+  model = _model()
+  tokens, mask = _batch()
+  params = _params(model, tokens)
+  out = model.apply({"params": params}, tokens, mask, jax.random.key(3), return_logits=True)
+  base_logits, base_hidden, thought_logits, talk_hidden = _naive(
+      model, params, tokens, np.asarray(mask), np.asarray(out["thoughts"]))
+  real = np.repeat(np.asarray(mask) > 0, 2, axis=0)
+  np.testing.assert_allclose(out["base_logits"], base_logits, atol=1e-4)
+  masked = thoughts.mask_thought_ids(jnp.asarray(thought_logits), (START, END))
+  np.testing.assert_allclose(np.asarray(out["thought_logits"])[real], np.asarray(masked)[real],
+                             atol=1e-4)
+  np.testing.assert_allclose(np.asarray(out["talk_hidden"])[real], talk_hidden[real], atol=1e-4)
+
+  # Every loss term from the naive states equals the parallel one.
+  qs, p, talk = model.qs, 2, 3
+  l = tokens.shape[1]
+  w_dv = params["lm"]["lm_head"]
+  base_rolled = np.stack([np.roll(base_hidden, -k, axis=1) for k in range(talk)], axis=2)
+  base_rolled = np.repeat(base_rolled, p, axis=0)
+  talk_hidden = np.where(np.isnan(talk_hidden), 0.0, talk_hidden)  # padded branches: unscored
+  w = model.apply({"params": params}, jnp.asarray(base_rolled), jnp.asarray(talk_hidden),
+                  method=lambda m, a, b: m.mixing(a, b))
+  targets = np.repeat(np.stack([np.roll(tokens, -k, axis=1) for k in range(1, talk + 1)], 2),
+                      p, axis=0)
+  naive_out = dict(
+      base_ce=thoughts.token_ce(base_hidden, w_dv, jnp.roll(tokens, -1, axis=1), False),
+      talk_ce=thoughts.token_ce((1 - w) * base_rolled + w * talk_hidden, w_dv,
+                                jnp.asarray(targets), False),
+      thought_logprob=jnp.take_along_axis(
+          jax.nn.log_softmax(masked / qs.reinforce_temperature, axis=-1),
+          out["thoughts"][..., None], axis=-1)[..., 0],
+      mix_weight=w[..., 0])
+  total, metrics = qs_loss.quietstar_loss(out, mask, qs)
+  naive_total, naive_metrics = qs_loss.quietstar_loss(
+      {k: jnp.where(jnp.isnan(v), 0.0, v) for k, v in naive_out.items()}, mask, qs)
+  for key in ("nll", "base_loss", "talk_loss", "reward_mean", "reward_std"):
+    np.testing.assert_allclose(metrics[key], naive_metrics[key], atol=1e-4, err_msg=key)
+  # The policy term is scaled by 1e6; compare it unscaled.
+  np.testing.assert_allclose(metrics["policy_loss"], naive_metrics["policy_loss"], atol=1e-4)
+  assert float(metrics["reward_std"]) > 0  # the mixing head is active: a real comparison
+  del total, naive_total, l
+
+
+def test_step_zero_identities_and_gradients():
+  model = _model()
+  tokens, mask = _batch()
+  params = _params(model, tokens, perturb_mixing=False)
+  out = model.apply({"params": params}, tokens, mask, jax.random.key(4), return_logits=True)
+  base = np.repeat(np.asarray(out["base_logits"]), 2, axis=0)
+  talk = np.asarray(out["talk_logits"])
+  for k in range(3):
+    np.testing.assert_allclose(talk[:, :8 - k - 1, k], base[:, k:7], atol=1e-5)
+  total, metrics = qs_loss.quietstar_loss(out, mask, model.qs)
+  np.testing.assert_allclose(metrics["reward_mean"], 0.0, atol=1e-5)
+  assert float(metrics["policy_loss"]) == 0.0 and float(metrics["positive_advantage_share"]) == 0.0
+
+  def loss_fn(p):
+    o = model.apply({"params": p}, tokens, mask, jax.random.key(4))
+    return qs_loss.quietstar_loss(o, mask, model.qs)[0]
+  grads = jax.grad(loss_fn)(params)
+  norm = lambda t: float(optax_norm(t))
+  assert norm(grads["mixing"]["out_proj"]) > 0
+  for name in ("in_proj", "hidden_proj"):
+    assert norm(grads["mixing"][name]) == 0.0, name
+  assert norm(grads["start_thought"]) == 0.0 and norm(grads["end_thought"]) == 0.0
+  assert norm(grads["lm"]) > 0
+  del total
+
+
+def optax_norm(tree):
+  return jnp.sqrt(sum(jnp.sum(jnp.square(x)) for x in jax.tree.leaves(tree)))
+
+
+def test_two_passes_give_one_positive_advantage_per_position():
+  r = jax.random.normal(jax.random.key(0), (6, 9))  # 3 documents x 2 adjacent copies
+  adv = np.asarray(qs_loss.advantages(r, passes=2))
+  pairs = adv.reshape(3, 2, 9)
+  differ = np.ptp(np.asarray(r).reshape(3, 2, 9), axis=1) > 0
+  assert np.all((pairs > 0).sum(axis=1)[differ] == 1)
+  np.testing.assert_allclose(pairs.max(axis=1), np.abs(np.diff(np.asarray(r).reshape(3, 2, 9),
+                                                                axis=1))[:, 0] / 2, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(n_ahead=3), "n_ahead=3 must be >= 4"),
+    (dict(n_ahead_talk=0), "n_ahead_talk=0 must be >= 1"),
+    (dict(n_passes=0), "n_passes=0 must be >= 1"),
+    (dict(reward_reduction="max"), "reward_reduction"),
+])
+def test_bad_config_is_a_clear_error(kw, message):
+  with pytest.raises(ValueError, match=message):
+    qs_config.QuietStarConfig(**kw)
+
+
+def test_sequence_too_short_for_talk():
+  with pytest.raises(ValueError, match="seq_len=5 is too short for quietstar.n_ahead_talk=4"):
+    qs_config.QuietStarConfig(n_ahead_talk=4).check_seq_len(5)
