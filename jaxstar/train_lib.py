@@ -133,7 +133,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return jax.tree.map(jnp.add, acc, out_and_grads), None
       ((loss, aux), grads), _ = jax.lax.scan(body, zeros, (jnp.arange(grad_accum), micro))
       loss, aux, grads = jax.tree.map(lambda x: x / grad_accum, (loss, aux, grads))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -141,7 +141,7 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
       keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
       params, opt_state = keep(params, state.params), keep(opt_state, state.opt_state)
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.global_norm(params),
+    metrics = {"loss": loss, "grad_norm": grad_norm, "param_norm": optax.tree.norm(params),
                "skipped": 1 - finite.astype(jnp.int32), **aux}
     return new_state, metrics
 
@@ -205,7 +205,14 @@ def next_token_loss(logits_blv, tokens_bl, mask_bl):
 
 
 def setup_logging() -> None:
+  """INFO for jaxstar's own messages; warnings only from orbax/absl's chatty internals."""
   logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("absl").setLevel(logging.WARNING)
+  try:
+    from absl import logging as absl_logging  # pylint: disable=g-import-not-at-top
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:
+    pass
 
 
 # ------------------------------------------------------------------------ run set-up helpers
