@@ -10,15 +10,12 @@ from __future__ import annotations
 import logging
 import math
 import os
-import time
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import tqdm
 
-from jaxstar import checkpoint
 from jaxstar import data as data_lib
 from jaxstar import model as model_lib
 from jaxstar import sharding
@@ -101,85 +98,33 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
   # ---------------------------------------------------------------------------------- restore
   # Precedence: the latest good checkpoint in workdir > config.init_from > fresh init.
-  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                 save_every=config.checkpoint.save_every,
-                                 keep=config.checkpoint.keep,
-                                 async_save=config.checkpoint.async_save)
+  ckpt = train_lib.open_checkpointer(config, workdir)
   target = train_lib.with_shardings(abstract, state_shardings)
-  if ckpt.latest_step() is not None:
-    state, step = ckpt.restore(target, data_iter=data_iter)
-    logging.info("resumed from %s at step %d", ckpt.directory, step)
-  elif config.init_from:
-    params = train_lib.load_init_params(config.init_from, target.params, model_cfg)
-    with sharding.use_mesh(mesh):
-      state = jax.jit(lambda p: train_lib.init_train_state(p, optimizer, config.seed),
-                      out_shardings=state_shardings)(params)
-    logging.info("initialized from %s", config.init_from)
-  else:
-    state, _ = sharding.create_sharded(init_state, mesh, rng)
+  load = None
+  if config.init_from:
+    load = lambda: train_lib.load_init_params(config.init_from, target.params, model_cfg)
+  state = train_lib.restore_or_init(
+      ckpt, target, mesh, data_iter, load_params=load,
+      init_from_params=lambda p: train_lib.init_train_state(p, optimizer, config.seed),
+      fresh=lambda: sharding.create_sharded(init_state, mesh, rng)[0])
 
   # ------------------------------------------------------------------------------------ evals
-  def evaluate(step: int) -> dict:
+  def evaluate(step: int, params) -> dict:
+    del step
     with sharding.use_mesh(mesh):
-      losses = [eval_step(state.params, data_lib.make_global_batch(b, batch_sharding))
+      losses = [eval_step(params, data_lib.make_global_batch(b, batch_sharding))
                 for b in eval_batches()]
-    metrics = {"eval_loss": float(np.mean(jax.device_get(losses)))}
-    writer.write(step, metrics)
-    return metrics
+    return {"eval_loss": float(np.mean(jax.device_get(losses)))}
 
   entropy = unigram_entropy(eval_batches(), tok.vocab_size)
   writer.write(int(state.step), {"unigram_entropy": entropy})
   logging.info("unigram entropy of the eval data: %.3f nats", entropy)
 
   # ------------------------------------------------------------------------------------- loop
-  preemption = train_lib.Preemption()
-  start = int(state.step)
-  history, summary = [], {"unigram_entropy": entropy}
-  tokens_per_step = config.batch_size * config.data.seq_len
-  progress = tqdm.tqdm(total=config.num_steps, initial=start, disable=not is_main,
-                       desc="pretrain", dynamic_ncols=True)
-  last_time, last_step = time.perf_counter(), start
-
-  def flush(step: int):
-    nonlocal history, last_time, last_step
-    if not history:
-      return
-    for i, m in enumerate(jax.device_get(history)):
-      train_lib.check_finite(m, step - len(history) + i + 1, skip)
-    metrics = train_lib.mean_metrics(history)
-    now = time.perf_counter()
-    metrics["tokens_per_s"] = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-    last_time, last_step, history = now, step, []
-    writer.write(step, metrics)
-    summary.update(metrics)
-    progress.set_postfix(loss=f"{metrics['loss']:.3f}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
-
-  try:
-    for step in range(start + 1, config.num_steps + 1):
-      batch = data_lib.make_global_batch(next(data_iter), batch_sharding)
-      with sharding.use_mesh(mesh):
-        state, metrics = train_step(state, batch)
-      history.append(metrics)
-      progress.update(1)
-      stop = preemption.should_stop() or step == config.stop_at_step
-      if step % config.log_every == 0 or step == config.num_steps:
-        flush(step)
-      if config.eval_every and (step % config.eval_every == 0 or step == config.num_steps):
-        summary.update(evaluate(step))
-      if ckpt.should_save(step) or step == config.num_steps or stop:
-        flush(step)  # never save a state whose loss was not checked
-        ckpt.save(step, state, data_iter=data_iter, config=config.to_dict(), force=True)
-      if stop:
-        ckpt.wait()
-        logging.info("stopped at step %d with a checkpoint in %s", step, ckpt.directory)
-        if preemption.requested:
-          raise train_lib.Preempted(step)
-        break
-  finally:
-    progress.close()
-    preemption.close()
-    ckpt.close()
-    writer.close()
-  summary["step"] = int(state.step)
+  next_batch = lambda: data_lib.make_global_batch(next(data_iter), batch_sharding)
+  state, summary = train_lib.train_loop(
+      config, state=state, train_step=train_step, next_batch=next_batch, ckpt=ckpt,
+      data_iter=data_iter, writer=writer, mesh=mesh, evaluate=evaluate, desc="pretrain")
+  summary["unigram_entropy"] = entropy
   summary["perplexity"] = math.exp(min(summary.get("loss", 0.0), 50.0))
   return summary

@@ -307,3 +307,109 @@ def save_config(config, workdir: str) -> None:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(config.to_json_best_effort(indent=2))
+
+
+# ----------------------------------------------------------------- restore and the train loop
+
+
+def restore_or_init(ckpt, target, mesh, data_iter, *, load_params, init_from_params, fresh):
+  """The checkpoint precedence every trainer uses; returns the sharded train state.
+
+  1. the latest good checkpoint in the run's own directory (state, data position, RNG);
+  2. else, when `load_params` is given (config.init_from), its params in a fresh train state
+     built by `init_from_params(params)`;
+  3. else `fresh()`.
+  """
+  from jaxstar import sharding  # pylint: disable=g-import-not-at-top
+  if ckpt.latest_step() is not None:
+    state, step = ckpt.restore(target, data_iter=data_iter)
+    logging.info("resumed from %s at step %d", ckpt.directory, step)
+    return state
+  if load_params is not None:
+    params = load_params()
+    shardings = jax.tree.map(lambda a: a.sharding, target)
+    with sharding.use_mesh(mesh):
+      state = jax.jit(init_from_params, out_shardings=shardings)(params)
+    logging.info("initialized from config.init_from")
+    return state
+  return fresh()
+
+
+def open_checkpointer(config, workdir: str):
+  from jaxstar import checkpoint  # pylint: disable=g-import-not-at-top
+  return checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                 save_every=config.checkpoint.save_every,
+                                 keep=config.checkpoint.keep,
+                                 async_save=config.checkpoint.async_save)
+
+
+def train_loop(config, *, state, train_step, next_batch, ckpt, data_iter, writer, mesh,
+               evaluate=None, desc: str = "train") -> tuple[TrainState, dict]:
+  """Steps from `state.step` to `config.num_steps`: log, evaluate, checkpoint, handle SIGTERM.
+
+  Args:
+    train_step: the jitted `(state, batch) -> (state, metrics)`.
+    next_batch: returns the next global batch (from `data_iter`).
+    evaluate: optional `(step, params) -> dict of metrics`, every `config.eval_every` steps.
+  Returns:
+    (final state, summary of the last logged metrics). Raises `Preempted` after a SIGTERM save.
+  """
+  import tqdm  # pylint: disable=g-import-not-at-top
+  from jaxstar import sharding  # pylint: disable=g-import-not-at-top
+  skip = config.nonfinite == "skip"
+  is_main = jax.process_index() == 0
+  preemption = Preemption()
+  start = int(state.step)
+  tokens_per_step = config.batch_size * config.data.seq_len
+  history, summary = [], {}
+  progress = tqdm.tqdm(total=config.num_steps, initial=start, disable=not is_main, desc=desc,
+                       dynamic_ncols=True)
+  clock = {"time": time.perf_counter(), "step": start}
+
+  def flush(step: int):
+    nonlocal history
+    if not history:
+      return
+    for i, m in enumerate(jax.device_get(history)):
+      check_finite(m, step - len(history) + i + 1, skip)
+    metrics = mean_metrics(history)
+    now = time.perf_counter()
+    metrics["tokens_per_s"] = (tokens_per_step * (step - clock["step"])
+                               / max(now - clock["time"], 1e-9))
+    clock.update(time=now, step=step)
+    history = []
+    writer.write(step, metrics)
+    summary.update(metrics)
+    progress.set_postfix(loss=f"{metrics['loss']:.4g}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
+
+  try:
+    for step in range(start + 1, config.num_steps + 1):
+      batch = next_batch()
+      with sharding.use_mesh(mesh):
+        state, metrics = train_step(state, batch)
+      history.append(metrics)
+      progress.update(1)
+      stop = preemption.should_stop() or step == config.stop_at_step
+      last = step == config.num_steps
+      if step % config.log_every == 0 or last:
+        flush(step)
+      if evaluate is not None and config.eval_every and (step % config.eval_every == 0 or last):
+        eval_metrics = evaluate(step, state.params)
+        writer.write(step, eval_metrics)
+        summary.update(eval_metrics)
+      if ckpt.should_save(step) or last or stop:
+        flush(step)  # never save a state whose loss was not checked
+        ckpt.save(step, state, data_iter=data_iter, config=config.to_dict(), force=True)
+      if stop:
+        ckpt.wait()
+        logging.info("stopped at step %d with a checkpoint in %s", step, ckpt.directory)
+        if preemption.requested:
+          raise Preempted(step)
+        break
+  finally:
+    progress.close()
+    preemption.close()
+    ckpt.close()
+    writer.close()
+  summary["step"] = int(state.step)
+  return state, summary

@@ -1,0 +1,69 @@
+"""Throughput of the plain LM train step (forward, backward, AdamW update) for `small`.
+
+  python benchmarks/train_step.py [--batch 8 --seq_len 256 --variant small --remat none]
+
+Prints step time, tokens/s and achieved GFLOP/s (analytic: 3x the forward matmul FLOPs) beside
+a plain fp32 matmul's GFLOP/s measured in the same run.
+"""
+import argparse
+import platform
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from benchmarks import common
+from jaxstar import model as model_lib
+from jaxstar import sharding
+from jaxstar import train_lib
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--variant", default="small")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--seq_len", type=int, default=256)
+  parser.add_argument("--remat", default="none")
+  args = parser.parse_args()
+
+  cfg = model_lib.get_config(args.variant, remat_policy=args.remat)
+  module = model_lib.Transformer(cfg)
+  optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, schedule="constant",
+                                         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
+                                         clip_norm=1.0))
+  optimizer = train_lib.make_optimizer(optim, 100)
+  mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
+  init = lambda rng: train_lib.init_train_state(
+      module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"], optimizer, 0)
+  state, shardings = sharding.create_sharded(init, mesh, jax.random.key(0))
+
+  def loss_fn(params, batch, rng):
+    del rng
+    logits = module.apply({"params": params}, batch["tokens"])
+    return train_lib.next_token_loss(logits, batch["tokens"], batch["mask"])[0], {}
+
+  step = jax.jit(train_lib.make_train_step(loss_fn, optimizer), donate_argnums=0)
+  tokens = jax.random.randint(jax.random.key(1), (args.batch, args.seq_len), 0, cfg.vocab_size)
+  batch = {"tokens": tokens, "mask": jnp.ones_like(tokens)}
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], batch)
+    return metrics["loss"]
+
+  seconds = common.time_fn(run)
+  n_tokens = args.batch * args.seq_len
+  flops = 3 * common.forward_flops_per_token(cfg, args.seq_len) * n_tokens
+  peak = common.matmul_gflops()
+  gflops = flops / seconds / 1e9
+  print(f"# {args.variant}: {model_lib.count_params(cfg):,} params, batch {args.batch} x "
+        f"{args.seq_len}, remat {args.remat}; {jax.devices()[0].platform} "
+        f"({platform.processor() or platform.machine()})")
+  print(f"# plain 2048x2048 fp32 matmul: {peak:.1f} GFLOP/s")
+  common.print_table(("step", "ms", "tokens/s", "GFLOP/step", "GFLOP/s", "of matmul"),
+                     [("train step", f"{seconds * 1e3:.1f}", f"{n_tokens / seconds:,.0f}",
+                       f"{flops / 1e9:.1f}", f"{gflops:.1f}", f"{100 * gflops / peak:.0f}%")])
+
+
+if __name__ == "__main__":
+  main()
