@@ -11,7 +11,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python launch/tpu.py --config=configs/pretrain_tiny.py --workdir=workdirs/demo/pretrain
+	$(BIN)/python launch/demo.py --workdir=workdirs/demo
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests

@@ -95,3 +95,22 @@ def lm_data_config(**overrides) -> ml_collections.ConfigDict:
   ))
   cfg.update(overrides)
   return cfg
+
+
+def quietstar_config(**overrides) -> ml_collections.ConfigDict:
+  """The `config.quietstar` block (jaxstar.quietstar.config.QuietStarConfig; spec §4)."""
+  cfg = ml_collections.ConfigDict(dict(
+      n_ahead=12,                       # thought passes + 1: n_ahead - 3 sampled tokens
+      n_ahead_talk=4,                   # true tokens ahead scored after each thought
+      n_passes=2,                       # thoughts per position (adjacent document copies)
+      policy_weight=1e6,                # REINFORCE term weight
+      reinforce_temperature=3.0,        # temperature of the score-function log-probs
+      base_loss_weight=0.5,             # NLL = w * base CE + (1 - w) * talk CE
+      embedding_scale=100.0,            # start/end vectors stored / scale, used * scale
+      remove_negative_rewards=True,     # positive advantages only (official)
+      reward_reduction="sum",           # sum (official) | mean over the talk tokens
+      original_mode=False,              # the no-thought baseline (plain next-token CE)
+      greedy_eval_thoughts=False,       # argmax thoughts at eval (paper) vs T=1 (code)
+  ))
+  cfg.update(overrides)
+  return cfg

@@ -36,6 +36,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   """Trains a language model as `config` says, checkpointing to `workdir`; returns final metrics."""
   # ------------------------------------------------------------------------------------ setup
   train_lib.setup_logging()
+  train_lib.check_init_from(config)
   is_main = jax.process_index() == 0
   tok = tokenizer_lib.get_tokenizer(config.tokenizer)
   model_cfg = train_lib.model_config_from(config, tok)
@@ -43,7 +44,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   writer = train_lib.MetricWriter(workdir)
 
   # ------------------------------------------------------------------------------------- mesh
-  mesh = sharding.make_mesh(config.mesh_shape, dcn_data=config.dcn_data)
+  mesh = train_lib.make_run_mesh(config)
   batch_sharding = sharding.batch_sharding(mesh)
   logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
 

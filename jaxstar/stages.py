@@ -3,6 +3,7 @@ import importlib
 
 STAGES = {
     "pretrain": "jaxstar.pretrain",
+    "quietstar": "jaxstar.quietstar.trainer",
 }
 
 

@@ -248,13 +248,14 @@ def load_init_params(init_from: str, abstract_params, model_cfg):
   from jaxstar.model import hf_io  # pylint: disable=g-import-not-at-top
   if not os.path.isdir(init_from):
     raise FileNotFoundError(f"config.init_from={init_from!r} is not a folder")
+  ckpt_dir = os.path.join(init_from, "checkpoints")
+  if os.path.isdir(ckpt_dir):  # a jaxstar run directory (it also holds a config.json)
+    return checkpoint.restore_params(ckpt_dir, abstract_params)
   if os.path.exists(os.path.join(init_from, "config.json")):
     shardings = jax.tree.map(lambda a: a.sharding, abstract_params)
     return hf_io.load_hf_params(init_from, cfg=model_cfg, shardings=shardings,
                                 vocab_size=model_cfg.vocab_size)
-  ckpt_dir = os.path.join(init_from, "checkpoints")
-  return checkpoint.restore_params(ckpt_dir if os.path.isdir(ckpt_dir) else init_from,
-                                   abstract_params)
+  return checkpoint.restore_params(init_from, abstract_params)  # a checkpoints folder itself
 
 
 class Preemption:
@@ -299,6 +300,28 @@ class Preempted(SystemExit):
   def __init__(self, step: int):
     super().__init__(Preemption.EXIT_PREEMPTED)
     self.step = step
+
+
+def make_run_mesh(config):
+  """The run's mesh from config.mesh_shape / config.dcn_data; errors name the fields to change."""
+  from jaxstar import sharding  # pylint: disable=g-import-not-at-top
+  try:
+    return sharding.make_mesh(config.mesh_shape, dcn_data=config.dcn_data)
+  except ValueError as e:
+    raise ValueError(f"config.mesh_shape={tuple(config.mesh_shape)} (dcn_data="
+                     f"{config.dcn_data}) does not fit the {jax.device_count()} "
+                     f"{jax.devices()[0].platform} device(s) here: {e}. Set "
+                     f"--config.mesh_shape (one entry may be -1).") from None
+
+
+def check_init_from(config) -> None:
+  """Stops at once when a config that needs pretrained weights has none."""
+  if config.get("require_init_from") and not config.init_from:
+    raise ValueError("config.init_from is empty: this config trains from pretrained weights; "
+                     "set --config.init_from to a Hugging Face Mistral folder (config.json + "
+                     "*.safetensors) or a jaxstar run directory")
+  if config.init_from and not os.path.isdir(config.init_from) and not config.get("pretrain"):
+    raise FileNotFoundError(f"config.init_from={config.init_from!r} is not a folder")
 
 
 def save_config(config, workdir: str) -> None:

@@ -1,5 +1,7 @@
 """Quiet-STaR: the parallel thought passes against a naive per-position reference, step-0
 identities, advantages, and configuration errors."""
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -179,3 +181,99 @@ def test_bad_config_is_a_clear_error(kw, message):
 def test_sequence_too_short_for_talk():
   with pytest.raises(ValueError, match="seq_len=5 is too short for quietstar.n_ahead_talk=4"):
     qs_config.QuietStarConfig(n_ahead_talk=4).check_seq_len(5)
+
+
+def _train_step(model, mesh):
+  import chex  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from jaxstar import sharding  # pylint: disable=g-import-not-at-top
+  from jaxstar import train_lib  # pylint: disable=g-import-not-at-top
+  optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                                         weight_decay=0.001, clip_norm=1.0))
+  optimizer = train_lib.make_optimizer(optim, 10)
+
+  def loss_fn(params, batch, rng):
+    out = model.apply({"params": params}, batch["tokens"], batch["mask"], rng)
+    return qs_loss.quietstar_loss(out, batch["mask"], model.qs)
+
+  def init(rng):
+    params = model.init(rng, jnp.zeros((1, 2), jnp.int32), method=thoughts.QuietStarModel.init_all)
+    return train_lib.init_train_state(params["params"], optimizer, 0)
+
+  state, shardings = sharding.create_sharded(init, mesh, jax.random.key(0))
+  step = chex.assert_max_traces(train_lib.make_train_step(loss_fn, optimizer), n=1)
+  data = sharding.batch_sharding(mesh)
+  with sharding.use_mesh(mesh):
+    jitted = jax.jit(step, in_shardings=(shardings, data), out_shardings=(shardings, None),
+                     donate_argnums=0)
+  return state, jitted, data
+
+
+def test_sharded_step_equals_unsharded_and_traces_once():
+  from jaxstar import sharding  # pylint: disable=g-import-not-at-top
+  model = _model(n_ahead=5, talk=2)
+  tokens, mask = _batch(b=4, l=8)
+  results = []
+  for shape in [(1, 1, 1), (2, 2, 2)]:
+    mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+    state, step, data = _train_step(model, mesh)
+    batch = jax.device_put({"tokens": tokens, "mask": mask}, data)
+    with sharding.use_mesh(mesh):
+      state, m1 = step(state, batch)
+      state, m2 = step(state, batch)  # a second call must not retrace
+    results.append((jax.device_get(state.params), float(m1["loss"]), float(m2["loss"]),
+                    float(m2["policy_loss"])))
+  (p0, *l0), (p1, *l1) = results
+  np.testing.assert_allclose(l0, l1, atol=1e-4)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), p0, p1)
+  assert l0[2] != 0.0  # the second step has a live policy term: the comparison covers it
+
+
+def test_trainer_resume_keeps_thought_vectors_and_mixing_head(tmp_path):
+  from configs import quietstar_tiny  # pylint: disable=g-import-not-at-top
+  from jaxstar import checkpoint  # pylint: disable=g-import-not-at-top
+  from jaxstar import sharding  # pylint: disable=g-import-not-at-top
+  from jaxstar import train_lib  # pylint: disable=g-import-not-at-top
+  from jaxstar.quietstar import trainer  # pylint: disable=g-import-not-at-top
+
+  def config(**kw):
+    c = quietstar_tiny.get_config()
+    c.update_from_flattened_dict({
+        "init_from": str(tmp_path / "pretrain"), "pretrain.num_steps": 2,
+        "pretrain.data.seq_len": 16, "pretrain.eval_every": 0, "pretrain.batch_size": 8,
+        "pretrain.data.synthetic_docs": 64, "num_steps": 3, "batch_size": 8,
+        "data.seq_len": 12, "data.synthetic_docs": 64, "eval_every": 0, "log_every": 1,
+        "quietstar.n_ahead": 5, "quietstar.n_ahead_talk": 2, "optim.lr": 1e-2, **kw})
+    return c
+
+  straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+  trainer.train_and_evaluate(config(), straight)   # also pretrains into init_from first
+  trainer.train_and_evaluate(config(stop_at_step=2), split)
+  trainer.train_and_evaluate(config(), split)
+
+  def restore(workdir, abstract, step=None):
+    mesh = sharding.make_mesh((-1, 1, 1))
+    target = train_lib.with_shardings(abstract, sharding.shardings_for(abstract, mesh))
+    return jax.device_get(checkpoint.restore_params(os.path.join(workdir, "checkpoints"),
+                                                    target, step=step))
+
+  abstract = jax.eval_shape(lambda: model_params_for(config()))
+  a, b = restore(straight, abstract, 3), restore(split, abstract, 3)
+  jax.tree.map(np.testing.assert_array_equal, a, b)  # resumed exactly: nothing re-initialized
+  at_restart = restore(split, abstract, 2)
+  pretrained = restore(str(tmp_path / "pretrain"), abstract["lm"])
+  initial = pretrained["embedding"][ord("-") + 3] / 100  # E['---'] / 100, byte tokenizer
+  assert not np.allclose(at_restart["start_thought"], initial, atol=1e-6)  # learned, kept
+  assert np.abs(at_restart["mixing"]["out_proj"]["kernel"]).sum() > 0      # learned, not zero
+
+
+def model_params_for(config):
+  from jaxstar import tokenizer  # pylint: disable=g-import-not-at-top
+  from jaxstar import train_lib  # pylint: disable=g-import-not-at-top
+  from jaxstar.quietstar import trainer  # pylint: disable=g-import-not-at-top
+  tok = tokenizer.get_tokenizer(config.tokenizer)
+  model = thoughts.QuietStarModel(train_lib.model_config_from(config, tok),
+                                  trainer.quietstar_config(config), start_id=tok.start_thought_id,
+                                  end_id=tok.end_thought_id, init_id=tok.encode("---")[0])
+  return model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
+                    method=thoughts.QuietStarModel.init_all)["params"]

@@ -129,6 +129,16 @@ class QuietStarModel(nn.Module):
     w = self.mixing(hidden, hidden)
     return logits, w, self.start_thought, self.end_thought
 
+  def base_ce(self, tokens_bl, mask_bl):
+    """Base-pass cross-entropies only, [B, L] (the no-thought baseline, `original_mode`)."""
+    b, l = tokens_bl.shape
+    idx = jnp.arange(l, dtype=jnp.int32)
+    mask = attention.visible_keys(idx, idx, mask_bl.astype(bool), self.cfg.sliding_window)
+    hidden, _ = self.lm.run_layers(self.lm.embed(tokens_bl), jnp.broadcast_to(idx, (b, l)),
+                                   attention.CausalAttend(mask))
+    return token_ce(hidden, self._head(), jnp.roll(tokens_bl, -1, axis=1),
+                    self.cfg.remat_policy != "none", self.cfg.dtype)
+
   def _vector(self, param, shape):
     vec = (param * self.qs.embedding_scale).astype(jnp.dtype(self.cfg.dtype))
     return jnp.broadcast_to(vec, shape)
@@ -207,12 +217,14 @@ class QuietStarModel(nn.Module):
 
     # Talk pass: [end, x_{i+1}, ..., x_{i+A-1}] per position as one causal block.
     shifted = lambda x_bl, ks: jnp.stack([jnp.roll(x_bl, -k, axis=1) for k in ks], axis=2)
-    ahead = shifted(tokens_bl, range(1, talk))                            # [B, L, A-1]
-    beyond = idx[:, None] + jnp.arange(1, talk) >= l                      # past the text: pad
-    ahead = jnp.repeat(jnp.where(beyond, self.pad_id, ahead), p, axis=0)  # [N, L, A-1]
-    x_talk = jnp.concatenate([self._vector(self.end_thought, (n, l, 1, d)),
-                              self.lm.embed(ahead.reshape(n, -1)).reshape(n, l, talk - 1, d)],
-                             axis=2).reshape(n, l * talk, d)
+    x_talk = self._vector(self.end_thought, (n, l, 1, d))
+    if talk > 1:
+      ahead = shifted(tokens_bl, range(1, talk))                          # [B, L, A-1]
+      beyond = idx[:, None] + jnp.arange(1, talk) >= l                    # past the text: pad
+      ahead = jnp.repeat(jnp.where(beyond, self.pad_id, ahead), p, axis=0)  # [N, L, A-1]
+      x_talk = jnp.concatenate(
+          [x_talk, self.lm.embed(ahead.reshape(n, -1)).reshape(n, l, talk - 1, d)], axis=2)
+    x_talk = x_talk.reshape(n, l * talk, d)
     talk_pos = (idx[:, None] + qs.n_ahead - 1 + jnp.arange(talk, dtype=jnp.int32)).reshape(-1)
     talk_hidden, _ = run(x_talk, jnp.broadcast_to(talk_pos, (n, l * talk)), talk, branch)
     talk_hidden = talk_hidden.reshape(n, l, talk, d)

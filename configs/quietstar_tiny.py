@@ -1,0 +1,34 @@
+"""Quiet-STaR on the tiny model and the synthetic arithmetic corpus: a CPU run of minutes.
+
+  python launch/tpu.py --config=configs/quietstar_tiny.py --workdir=workdirs/quietstar_tiny
+
+Starts from the tiny LM pretrained by `configs/pretrain_tiny.py` in `config.init_from`; if that
+folder holds no finished pretraining, `config.pretrain` is run there first (or resumed).
+`--config.quietstar.original_mode=True` trains the no-thought baseline on the same data.
+"""
+from configs import common
+from configs import pretrain_tiny
+
+
+def get_config(arg=None):
+  args = common.parse_arg(arg, variant="tiny")
+  config = common.base_config()
+  config.stage = "quietstar"
+  config.model = common.model_config(args.variant)
+  config.tokenizer = "bytes"
+  config.init_from = "workdirs/pretrain_tiny"   # the pretrained tiny LM
+  config.pretrain = pretrain_tiny.get_config(arg)  # run into init_from when it is missing
+  config.data = common.lm_data_config(seq_len=48, synthetic_docs=20000, seed=7)
+  config.eval_data = common.lm_data_config(seq_len=48, synthetic_docs=256, seed=1234)
+  config.eval_batches = 4               # held-out batches per evaluation
+  config.eval_answer_start = "="        # the answer digits follow this token ...
+  config.eval_answer_end = "\n"         # ... up to this one
+  config.batch_size = 16
+  config.num_steps = 200
+  config.log_every = 10
+  config.eval_every = 50
+  config.checkpoint.save_every = 100
+  config.quietstar = common.quietstar_config(n_ahead=8, n_ahead_talk=4, n_passes=2)
+  config.optim = common.optim_config(lr=1e-4, warmup_steps=20, weight_decay=0.001,
+                                     weight_decay_mask="all_but_bias", clip_norm=1.0)
+  return config
