@@ -84,6 +84,7 @@ def lm_data_config(**overrides) -> ml_collections.ConfigDict:
       hf_split="train",                 # HF split
       text_field="text",                # document field (jsonl, hf)
       max_docs=0,                       # keep the first N documents (0: all)
+      skip_docs=0,                      # drop the first N documents first (held-out evals)
       seq_len=256,                      # L
       mode="crop_pad",                  # crop_pad (random window / right-pad) | pack
       seed=42,                          # shuffle, crop offsets and synthetic corpus seed

@@ -29,8 +29,8 @@ def get_config(arg=None):
   # Held-out loss with and without thoughts on the OpenWebMath documents after the first 1000.
   # (The paper's GSM8K / CommonsenseQA answer-probability evals belong to the evals stage.)
   config.eval_data = common.lm_data_config(
-      source="hf", paths="open-web-math/open-web-math", hf_split="train", max_docs=1064,
-      seq_len=256, mode="crop_pad", seed=1234)
+      source="hf", paths="open-web-math/open-web-math", hf_split="train", skip_docs=1000,
+      max_docs=64, seq_len=256, mode="crop_pad", seed=1234)
   config.eval_batches = 8
   config.eval_answer_start = "="        # answer-token loss: tokens after '=' up to a newline
   config.eval_answer_end = "\n"

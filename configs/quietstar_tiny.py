@@ -18,17 +18,19 @@ def get_config(arg=None):
   config.tokenizer = "bytes"
   config.init_from = "workdirs/pretrain_tiny"   # the pretrained tiny LM
   config.pretrain = pretrain_tiny.get_config(arg)  # run into init_from when it is missing
-  config.data = common.lm_data_config(seq_len=48, synthetic_docs=20000, seed=7)
-  config.eval_data = common.lm_data_config(seq_len=48, synthetic_docs=256, seed=1234)
-  config.eval_batches = 4               # held-out batches per evaluation
+  config.data = common.lm_data_config(seq_len=32, synthetic_docs=20000, seed=7,
+                                      synthetic_max_digits=2)
+  config.eval_data = common.lm_data_config(seq_len=32, synthetic_docs=512, seed=1234,
+                                           synthetic_max_digits=2)
+  config.eval_batches = 16              # held-out batches per evaluation
   config.eval_answer_start = "="        # the answer digits follow this token ...
   config.eval_answer_end = "\n"         # ... up to this one
-  config.batch_size = 16
+  config.batch_size = 8
   config.num_steps = 200
   config.log_every = 10
   config.eval_every = 50
   config.checkpoint.save_every = 100
   config.quietstar = common.quietstar_config(n_ahead=8, n_ahead_talk=4, n_passes=2)
-  config.optim = common.optim_config(lr=1e-4, warmup_steps=20, weight_decay=0.001,
+  config.optim = common.optim_config(lr=1e-5, warmup_steps=20, weight_decay=0.001,
                                      weight_decay_mask="all_but_bias", clip_norm=1.0)
   return config

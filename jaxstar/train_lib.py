@@ -100,10 +100,15 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int)
 
 
 def _split_micro(batch, accum: int):
+  """[B, ...] -> [accum, B / accum, ...], micro-batch i = rows i, i + accum, ...
+
+  Strided rather than contiguous, so each micro-batch takes rows from every batch shard and
+  stays evenly spread over the devices.
+  """
   def split(x):
     if x.shape[0] % accum:
       raise ValueError(f"batch of {x.shape[0]} rows is not divisible by grad_accum={accum}")
-    return x.reshape(accum, x.shape[0] // accum, *x.shape[1:])
+    return x.reshape(x.shape[0] // accum, accum, *x.shape[1:]).swapaxes(0, 1)
   return jax.tree.map(split, batch)
 
 

@@ -374,3 +374,16 @@ def test_addition_generator_and_checker():
   assert sample.split('\n\n')[1] == tasks.format_addition(2, 3)
   assert tasks.extract_arithmetic_answer('5 8\n<|endoftext|>') == '5 8'
   assert not tasks.check_arithmetic('\n<scratch>\n0 5 8\n</scratch>\n5 9', '5 8')
+
+
+def test_skip_docs_gives_the_documents_after_a_training_subset(tmp_path):
+  tok = tokenizer_lib.get_tokenizer('bytes')
+  path = tmp_path / 'docs.jsonl'
+  path.write_text(''.join(json.dumps({'text': f'doc {i}'}) + '\n' for i in range(30)))
+  cfg = dict(source='jsonl', paths=str(path), seq_len=12, num_epochs=1)
+  held_out = data.lm_dataset_from_config({**cfg, 'skip_docs': 20, 'max_docs': 8}, tok, 4)
+  texts = {tok.decode(row) for batch in held_out.iterator() for row in batch['tokens']}
+  assert texts == {f'doc {i}' for i in range(20, 28)}
+  synthetic = data.lm_dataset_from_config(
+      dict(source='synthetic', synthetic_docs=50, skip_docs=45, seq_len=8), tok, 4)
+  assert synthetic.num_docs == 5

@@ -29,6 +29,8 @@ fields take the defaults in `DEFAULTS`):
   text_field            field holding the document text (jsonl and hf).
   max_docs              keep only the first N documents (0: all); the official Quiet-STaR run
                         uses the first 1000 OpenWebMath documents.
+  skip_docs             drop the first N documents before `max_docs` applies (held-out
+                        evaluation on the documents after a training subset).
   seq_len               L, tokens per row.
   mode                  'crop_pad' | 'pack'.
   seed                  shuffle seed; also seeds crop offsets and the synthetic corpus.
@@ -51,7 +53,7 @@ from jaxstar.data import jsonl
 SOURCES = ('synthetic', 'jsonl', 'hf')
 MODES = ('crop_pad', 'pack')
 DEFAULTS = dict(
-    source='synthetic', paths='', hf_split='train', text_field='text', max_docs=0,
+    source='synthetic', paths='', hf_split='train', text_field='text', max_docs=0, skip_docs=0,
     seq_len=256, mode='crop_pad', seed=42, num_epochs=0, skip_malformed=False,
     segment_ids=False, synthetic_docs=1000, synthetic_max_digits=5)
 
@@ -118,7 +120,7 @@ def jsonl_docs(paths: str | Sequence[str], *, text_field: str = 'text', max_docs
 
 
 def hf_docs(name_or_path: str, *, split: str = 'train', text_field: str = 'text',
-            max_docs: int = 0) -> Sequence[str]:
+            max_docs: int = 0, skip_docs: int = 0) -> Sequence[str]:
   """Texts of a Hugging Face dataset (Hub name, or a local folder), read lazily by index.
 
   With `max_docs` and a Hub name, the first `max_docs` rows are streamed instead of
@@ -137,15 +139,17 @@ def hf_docs(name_or_path: str, *, split: str = 'train', text_field: str = 'text'
     if isinstance(ds, datasets.DatasetDict):
       ds = ds[split]
   elif max_docs and not os.path.isdir(name_or_path):
-    stream = datasets.load_dataset(name_or_path, split=split, streaming=True)
-    texts = [_hf_text(row, text_field, name, i) for i, row in enumerate(stream.take(max_docs))]
+    stream = datasets.load_dataset(name_or_path, split=split, streaming=True).skip(skip_docs)
+    texts = [_hf_text(row, text_field, name, skip_docs + i)
+             for i, row in enumerate(stream.take(max_docs))]
     return texts
   else:
     ds = datasets.load_dataset(name_or_path, split=split)
   if text_field not in ds.column_names:
     raise ValueError(f'{name}: no field {text_field!r}; fields: {ds.column_names}')
-  n = min(len(ds), max_docs) if max_docs else len(ds)
-  return LazyDocs(n, lambda i: _hf_text(ds[i], text_field, name, i))
+  n = max(0, len(ds) - skip_docs)
+  n = min(n, max_docs) if max_docs else n
+  return LazyDocs(n, lambda i: _hf_text(ds[skip_docs + i], text_field, name, skip_docs + i))
 
 
 def _hf_text(row: Mapping[str, Any], field: str, name: str, index: int) -> str:
@@ -291,6 +295,13 @@ def lm_dataset(docs: Sequence[str], tokenizer, *, seq_len: int, global_batch_siz
   return LMPipeline(ds, local, len(docs), rows_per_epoch, num_skipped)
 
 
+def _window(docs: Sequence[str], skip: int, limit: int) -> Sequence[str]:
+  """Documents skip .. skip + limit - 1 (limit 0: to the end), without materializing them."""
+  n = max(0, len(docs) - skip)
+  n = min(n, limit) if limit else n
+  return docs if (skip, n) == (0, len(docs)) else LazyDocs(n, lambda i: docs[skip + i])
+
+
 def _cfg_get(cfg, name: str):
   value = cfg.get(name, DEFAULTS[name])
   return DEFAULTS[name] if value is None else value
@@ -300,18 +311,20 @@ def lm_dataset_from_config(data_cfg, tokenizer, global_batch_size: int, process_
                            process_count: int = 1) -> LMPipeline:
   """Builds the LM pipeline a config describes (fields: module docstring)."""
   get = lambda name: _cfg_get(data_cfg, name)
-  source, max_docs = get('source'), int(get('max_docs'))
+  source, max_docs, skip_docs = get('source'), int(get('max_docs')), int(get('skip_docs'))
   skipped = 0
   if source == 'synthetic':
     n = int(get('synthetic_docs'))
-    docs = synthetic_docs(min(n, max_docs) if max_docs else n, seed=int(get('seed')),
-                          max_digits=int(get('synthetic_max_digits')))
+    docs = _window(synthetic_docs(n, seed=int(get('seed')),
+                                  max_digits=int(get('synthetic_max_digits'))),
+                   skip_docs, max_docs)
   elif source == 'jsonl':
     if not get('paths'):
       raise ValueError("data source 'jsonl' needs data.paths")
-    loaded = jsonl_docs(get('paths'), text_field=get('text_field'), max_docs=max_docs,
+    loaded = jsonl_docs(get('paths'), text_field=get('text_field'),
+                        max_docs=max_docs + skip_docs if max_docs else 0,
                         skip_malformed=bool(get('skip_malformed')))
-    docs, skipped = loaded.rows, loaded.num_skipped
+    docs, skipped = _window(loaded.rows, skip_docs, 0), loaded.num_skipped
   elif source == 'hf':
     paths = get('paths')
     paths = [paths] if isinstance(paths, str) else list(paths)
@@ -320,7 +333,7 @@ def lm_dataset_from_config(data_cfg, tokenizer, global_batch_size: int, process_
                        f'{get("paths")!r}')
     name = paths[0]
     docs = hf_docs(name, split=get('hf_split'), text_field=get('text_field'),
-                   max_docs=max_docs)
+                   max_docs=max_docs, skip_docs=skip_docs)
   else:
     raise ValueError(f'unknown data source {source!r}; valid: {", ".join(SOURCES)}')
   return lm_dataset(docs, tokenizer, seq_len=int(get('seq_len')),

@@ -65,10 +65,15 @@ def rewards(base_ce_bl, talk_ce_nla, talk_mask_bla, passes: int, reduction: str 
 
 
 def advantages(rewards_nl, passes: int, positive_only: bool = True):
-  """Reward minus the mean over the P copies of the same document and position (detached)."""
+  """Reward minus the mean over the P copies of the same document and position (detached).
+
+  With P = 1 there is no baseline: the reward itself (as the official code does).
+  """
   n, l = rewards_nl.shape
-  grouped = rewards_nl.reshape(n // passes, passes, l)
-  adv = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(n, l)
+  adv = rewards_nl
+  if passes > 1:
+    grouped = rewards_nl.reshape(n // passes, passes, l)
+    adv = (grouped - grouped.mean(axis=1, keepdims=True)).reshape(n, l)
   if positive_only:
     adv = jnp.maximum(adv, 0.0)
   return jax.lax.stop_gradient(adv)

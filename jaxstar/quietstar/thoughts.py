@@ -68,21 +68,22 @@ class ThoughtAttend:
     # The Q block queries and the G grouped heads of a position share every prefix and branch
     # key, so they ride on one axis X = Q * G ('bpikxe'); only the block part tells them apart.
     qx = q.reshape(b, p, l, qn, kv_heads, g, e).transpose(0, 1, 2, 4, 3, 5, 6)
-    qx = qx.reshape(b, p, l, kv_heads, qn * g, e) * jnp.asarray(e ** -0.5, q.dtype)
+    qx = qx.reshape(b, p, l, kv_heads, qn * g, e)
+    scale = e ** -0.5  # applied to the fp32 scores, as in the base pass
     k6 = k.reshape(b, p, l, qn, kv_heads, e)
     v6 = v.reshape(b, p, l, qn, kv_heads, e)
     per_row = lambda a: a.reshape(b, p, l, kv_heads, e)
 
     s_pre = jnp.einsum("bpikxe,bjke->bpikxj", qx, prefix_k, preferred_element_type=f32)
-    s_pre = jnp.where(self.prefix_mask_bij[:, None, :, None, None, :], s_pre,
+    s_pre = jnp.where(self.prefix_mask_bij[:, None, :, None, None, :], s_pre * scale,
                       attention.MASK_VALUE)
     own = self.own_ok_bi[:, None, :, None, None, None]
     s_branch = [jnp.einsum("bpikxe,bpike->bpikx", qx, per_row(bk),
                            preferred_element_type=f32)[..., None] for bk, _ in branch]
-    s_branch = [jnp.where(own, s, attention.MASK_VALUE) for s in s_branch]
+    s_branch = [jnp.where(own, s * scale, attention.MASK_VALUE) for s in s_branch]
     s_block = jnp.einsum("bpikxe,bpirke->bpikxr", qx, k6, preferred_element_type=f32)
     causal = (jnp.arange(qn * g)[:, None] // g) >= jnp.arange(qn)[None, :]     # [X, Q]
-    s_block = jnp.where(causal & own, s_block, attention.MASK_VALUE)
+    s_block = jnp.where(causal & own, s_block * scale, attention.MASK_VALUE)
 
     probs = jax.nn.softmax(jnp.concatenate([s_pre] + s_branch + [s_block], axis=-1), axis=-1)
     probs = probs.astype(v.dtype)

@@ -33,19 +33,24 @@ def quietstar_config(config) -> QuietStarConfig:
   return QuietStarConfig(**{k: v for k, v in config.quietstar.items() if k in fields})
 
 
-def answer_mask(tokens: np.ndarray, start_id: int, end_id: int) -> np.ndarray:
-  """1 on the tokens after `start_id` ('=') up to, not including, `end_id` (newline), per row."""
+def answer_mask(tokens: np.ndarray, start_ids, end_ids) -> np.ndarray:
+  """1 on the tokens after a start id ('=') up to, not including, an end id (newline)."""
   out = np.zeros(tokens.shape, np.int32)
   for r, row in enumerate(tokens):
     inside = False
     for c, t in enumerate(row):
-      if t == end_id:
+      if t in end_ids:
         inside = False
       elif inside:
         out[r, c] = 1
-      elif t == start_id:
+      elif t in start_ids:
         inside = True
   return out
+
+
+def marker_ids(tok, text: str) -> set[int]:
+  """Ids `text` can take: alone (SentencePiece may give '▁=') and after a digit ('=')."""
+  return {tok.encode(text)[-1], tok.encode("1" + text)[-1]}
 
 
 def _thought_params(params, lm_params, model):
@@ -101,7 +106,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   data_iter = pipeline.iterator()
   eval_pipeline = data_lib.lm_dataset_from_config(config.eval_data, tok, config.batch_size,
                                                   jax.process_index(), jax.process_count())
-  answer_ids = (tok.encode(config.eval_answer_start)[-1], tok.encode(config.eval_answer_end)[-1])
+  answer_ids = (marker_ids(tok, config.eval_answer_start), marker_ids(tok, config.eval_answer_end))
 
   def eval_batches():
     it = eval_pipeline.iterator()

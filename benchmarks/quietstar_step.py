@@ -1,0 +1,144 @@
+"""Quiet-STaR train-step speed and memory against thought length, beside the plain LM step.
+
+  python benchmarks/quietstar_step.py [--ahead 4,8,12,16 --remat full]
+
+Model: h=256, 4 layers, 8 query / 4 kv heads, ffn 512, vocab 4096; batch 4 x L=256, K=4
+talk tokens, P=2 thoughts per position. Each case runs in its own process, so its peak
+resident memory (ru_maxrss) is its own; XLA's own temp-buffer estimate is printed beside it.
+Model FLOPs are analytic (matmuls only, backward = 2x forward, recomputation not counted).
+"""
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+
+import numpy as np
+
+B, L, TALK, P = 4, 256, 4, 2
+MODEL = dict(vocab_size=4096, embed_dim=256, num_layers=4, num_heads=8, num_kv_heads=4,
+             head_dim=32, mlp_dim=512)
+
+
+def layer_flops(cfg, context: float) -> float:
+  """Forward matmul FLOPs of one token through one layer attending to `context` keys."""
+  d, h, k, e, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
+  return 2 * d * (h * e + 2 * k * e) + 2 * h * e * d + 6 * d * f + 4 * h * e * context
+
+
+def quietstar_flops(cfg, ahead: int) -> float:
+  """Forward+backward model FLOPs of one Quiet-STaR step (see module docstring)."""
+  d, v, n = cfg.embed_dim, cfg.vocab_size, B * P
+  head = 2 * d * v
+  fwd = B * L * (cfg.num_layers * layer_flops(cfg, L) + head)                  # base pass
+  for s in range(1, ahead - 1):                                                # thought passes
+    fwd += n * L * (cfg.num_layers * layer_flops(cfg, L + s) + (head if s <= ahead - 3 else 0))
+  mixing = 2 * (2 * d * d + d * d + d)
+  fwd += n * L * TALK * (cfg.num_layers * layer_flops(cfg, L + ahead - 2 + TALK) + mixing + head)
+  return 3 * fwd
+
+
+def plain_flops(cfg) -> float:
+  return 3 * B * L * (cfg.num_layers * layer_flops(cfg, L) + 2 * cfg.embed_dim * cfg.vocab_size)
+
+
+def run_case(ahead: int, remat: str) -> dict:
+  """One measurement in this process: ahead == 0 is the plain LM step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  from jaxstar import model as model_lib  # pylint: disable=g-import-not-at-top
+  from jaxstar import train_lib  # pylint: disable=g-import-not-at-top
+  from jaxstar.quietstar import config as qs_config  # pylint: disable=g-import-not-at-top
+  from jaxstar.quietstar import loss as qs_loss  # pylint: disable=g-import-not-at-top
+  from jaxstar.quietstar import thoughts  # pylint: disable=g-import-not-at-top
+
+  cfg = model_lib.ModelConfig(**MODEL, remat_policy=remat)
+  optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
+                                         weight_decay=0.0, clip_norm=1.0))
+  optimizer = train_lib.make_optimizer(optim, 100)
+  tokens = jax.random.randint(jax.random.key(1), (B, L), 3, cfg.vocab_size - 2)
+  batch = {"tokens": tokens, "mask": jnp.ones_like(tokens)}
+  if ahead == 0:
+    module = model_lib.Transformer(cfg)
+    params = module.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32))["params"]
+
+    def loss_fn(p, b, rng):
+      del rng
+      logits = module.apply({"params": p}, b["tokens"])
+      return train_lib.next_token_loss(logits, b["tokens"], b["mask"])[0], {}
+    flops = plain_flops(cfg)
+  else:
+    qs = qs_config.QuietStarConfig(n_ahead=ahead, n_ahead_talk=TALK, n_passes=P)
+    model = thoughts.QuietStarModel(cfg, qs, start_id=cfg.vocab_size - 2,
+                                    end_id=cfg.vocab_size - 1, init_id=5)
+    params = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
+                        method=thoughts.QuietStarModel.init_all)["params"]
+
+    def loss_fn(p, b, rng):
+      out = model.apply({"params": p}, b["tokens"], b["mask"], rng)
+      return qs_loss.quietstar_loss(out, b["mask"], qs)
+    flops = quietstar_flops(cfg, ahead)
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  state = train_lib.init_train_state(nn.unbox(params), optimizer, 0)
+  step = jax.jit(train_lib.make_train_step(loss_fn, optimizer), donate_argnums=0)
+  compiled = step.lower(state, batch).compile()
+  temp = compiled.memory_analysis().temp_size_in_bytes
+  holder = [state]
+
+  def run():
+    holder[0], metrics = step(holder[0], batch)
+    return metrics["loss"]
+  seconds = common.time_fn(run, warmup=1, iters=3)
+  return dict(ahead=ahead, seconds=seconds, flops=flops, temp_bytes=int(temp),
+              peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def main():
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--ahead", default="4,8,12,16")
+  parser.add_argument("--remat", default="full")
+  parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
+  args = parser.parse_args()
+  if args.single is not None:
+    print(json.dumps(run_case(args.single, args.remat)))
+    return
+
+  def spawn(ahead):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.quietstar_step", "--single",
+                          str(ahead), "--remat", args.remat], check=True, capture_output=True,
+                         text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  peak = common.matmul_gflops()
+  plain = spawn(0)
+  plain_rate = plain["flops"] / plain["seconds"] / 1e9
+  cases = [spawn(int(a)) for a in args.ahead.split(",")]
+  print(f"# Quiet-STaR step: {MODEL}, batch {B} x {L}, K={TALK}, P={P}, remat {args.remat}; "
+        f"{platform.processor() or platform.machine()} CPU")
+  print(f"# plain 2048x2048 fp32 matmul: {peak:.1f} GFLOP/s; plain LM train step: "
+        f"{plain['seconds'] * 1e3:.0f} ms, {plain_rate:.1f} GFLOP/s, "
+        f"peak RSS {plain['peak_rss'] / 2**20:.0f} MiB")
+  rows = []
+  for c in cases:
+    rate = c["flops"] / c["seconds"] / 1e9
+    rows.append((c["ahead"], c["ahead"] - 3, f"{c['seconds']:.2f}", f"{c['flops'] / 1e9:.0f}",
+                 f"{rate:.1f}", f"{100 * rate / plain_rate:.0f}%",
+                 f"{c['peak_rss'] / 2**20:.0f}", f"{c['temp_bytes'] / 2**20:.0f}"))
+  common.print_table(("A (n_ahead)", "sampled", "step s", "GFLOP/step", "GFLOP/s",
+                      "of plain step", "peak RSS MiB", "XLA temp MiB"), rows)
+  a = np.array([c["ahead"] for c in cases], float)
+  for key, name in (("peak_rss", "peak RSS"), ("temp_bytes", "XLA temp")):
+    y = np.array([c[key] for c in cases], float) / 2**20
+    slope, intercept = np.polyfit(a, y, 1)
+    quad = np.polyfit(a, y, 2)[0] if len(a) > 2 else 0.0
+    resid = np.max(np.abs(np.polyval([slope, intercept], a) - y))
+    print(f"# {name} vs A: linear fit {intercept:.0f} + {slope:.1f} * A MiB "
+          f"(max residual {resid:.1f} MiB; quadratic coefficient {quad:.2f} MiB/A^2)")
+
+
+if __name__ == "__main__":
+  main()
