@@ -49,15 +49,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
   logging.info("mesh %s over %d processes", dict(mesh.shape), jax.process_count())
 
   # ------------------------------------------------------------------------------------- data
-  pipeline = data_lib.lm_dataset_from_config(config.data, tok, config.batch_size,
-                                             jax.process_index(), jax.process_count())
-  data_iter = pipeline.iterator()
-  eval_pipeline = data_lib.lm_dataset_from_config(config.eval_data, tok, config.batch_size,
-                                                  jax.process_index(), jax.process_count())
-
-  def eval_batches():
-    it = eval_pipeline.iterator()
-    return [next(it) for _ in range(config.eval_batches)]
+  data_iter, eval_batches = train_lib.lm_data(config, tok)
 
   # ------------------------------------------------------------------- model and optimizer
   module = model_lib.Transformer(model_cfg)

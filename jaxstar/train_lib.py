@@ -307,6 +307,21 @@ class Preempted(SystemExit):
     self.step = step
 
 
+def lm_data(config, tok):
+  """The run's training iterator, and a function returning the first `config.eval_batches`
+  held-out batches (the same ones at every evaluation)."""
+  from jaxstar import data as data_lib  # pylint: disable=g-import-not-at-top
+  make = lambda data_cfg: data_lib.lm_dataset_from_config(
+      data_cfg, tok, config.batch_size, jax.process_index(), jax.process_count())
+  data_iter = make(config.data).iterator()
+  eval_pipeline = make(config.eval_data)
+
+  def eval_batches():
+    it = eval_pipeline.iterator()
+    return [next(it) for _ in range(config.eval_batches)]
+  return data_iter, eval_batches
+
+
 def make_run_mesh(config):
   """The run's mesh from config.mesh_shape / config.dcn_data; errors name the fields to change."""
   from jaxstar import sharding  # pylint: disable=g-import-not-at-top

@@ -101,17 +101,11 @@ def train_and_evaluate(config, workdir: str) -> dict:
   batch_sharding = sharding.batch_sharding(mesh)
 
   # ------------------------------------------------------------------------------------- data
-  pipeline = data_lib.lm_dataset_from_config(config.data, tok, config.batch_size,
-                                             jax.process_index(), jax.process_count())
-  data_iter = pipeline.iterator()
-  eval_pipeline = data_lib.lm_dataset_from_config(config.eval_data, tok, config.batch_size,
-                                                  jax.process_index(), jax.process_count())
+  data_iter, held_out = train_lib.lm_data(config, tok)
   answer_ids = (marker_ids(tok, config.eval_answer_start), marker_ids(tok, config.eval_answer_end))
 
   def eval_batches():
-    it = eval_pipeline.iterator()
-    batches = [next(it) for _ in range(config.eval_batches)]
-    return [{**b, "answer": answer_mask(b["tokens"], *answer_ids)} for b in batches]
+    return [{**b, "answer": answer_mask(b["tokens"], *answer_ids)} for b in held_out()]
 
   # ------------------------------------------------------------------- model and optimizer
   model = thoughts.QuietStarModel(model_cfg, qs, start_id=tok.start_thought_id,
