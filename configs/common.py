@@ -112,6 +112,7 @@ def quietstar_config(**overrides) -> ml_collections.ConfigDict:
       reward_reduction="sum",           # sum (official) | mean over the talk tokens
       original_mode=False,              # the no-thought baseline (plain next-token CE)
       greedy_eval_thoughts=False,       # argmax thoughts at eval (paper) vs T=1 (code)
+      remat_logits=False,               # recompute vocabulary logits in backward (saves memory)
   ))
   cfg.update(overrides)
   return cfg

@@ -309,3 +309,19 @@ def test_7b_config_stops_at_once_without_weights_or_devices(tmp_path):
 def test_single_pass_uses_the_raw_reward():
   r = jnp.array([[0.5, -0.2, 0.0]])
   np.testing.assert_array_equal(qs_loss.advantages(r, passes=1), [[0.5, 0.0, 0.0]])
+
+
+def test_remat_logits_changes_neither_loss_nor_gradients():
+  import dataclasses  # pylint: disable=g-import-not-at-top
+  model = _model(n_ahead=5, talk=2)
+  remat = model.clone(qs=dataclasses.replace(model.qs, remat_logits=True))
+  tokens, mask = _batch()
+  params = _params(model, tokens)
+
+  def loss(m, p):
+    return qs_loss.quietstar_loss(m.apply({"params": p}, tokens, mask, jax.random.key(5)),
+                                  mask, m.qs)[1]["nll"]
+  (l0, g0), (l1, g1) = [jax.value_and_grad(lambda p, m=m: loss(m, p))(params)
+                        for m in (model, remat)]
+  np.testing.assert_allclose(l0, l1, atol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g0, g1)

@@ -24,6 +24,8 @@ class QuietStarConfig:
   reward_reduction: str = "sum"     # sum (official) | mean over the K talk tokens
   original_mode: bool = False       # the no-thought baseline: plain next-token CE
   greedy_eval_thoughts: bool = False  # eval thoughts by argmax (paper) instead of T=1 (code)
+  remat_logits: bool = False        # recompute [.., V] logits in the backward pass instead of
+                                    # keeping their softmax (memory vs. one more lm_head matmul)
 
   def __post_init__(self):
     if self.original_mode:

@@ -138,7 +138,7 @@ class QuietStarModel(nn.Module):
     hidden, _ = self.lm.run_layers(self.lm.embed(tokens_bl), jnp.broadcast_to(idx, (b, l)),
                                    attention.CausalAttend(mask))
     return token_ce(hidden, self._head(), jnp.roll(tokens_bl, -1, axis=1),
-                    self.cfg.remat_policy != "none", self.cfg.dtype)
+                    self.qs.remat_logits, self.cfg.dtype)
 
   def _vector(self, param, shape):
     vec = (param * self.qs.embedding_scale).astype(jnp.dtype(self.cfg.dtype))
@@ -175,7 +175,7 @@ class QuietStarModel(nn.Module):
     valid = mask_bl.astype(bool)
     idx = jnp.arange(l, dtype=jnp.int32)
     w_dv = self._head()
-    remat = cfg.remat_policy != "none"
+    remat = qs.remat_logits
     out = {}
 
     # Base pass: once per document; its keys/values are every branch's prefix.
