@@ -1,14 +1,22 @@
 """Quiet-STaR train-step speed and memory against thought length, beside the plain LM step.
 
-  python benchmarks/quietstar_step.py [--ahead 4,8,12,16 --remat full]
+  python -m benchmarks.quietstar_step [--ahead 4,8,12,16 --remat full --chunk 32
+                                       --chunk_remat dots_no_batch]
 
 Model: h=256, 4 layers, 8 query / 4 kv heads, ffn 512, vocab 4096; batch 4 x L=256, K=4
-talk tokens, P=2 thoughts per position. Each case runs in its own process, so its peak
-resident memory (ru_maxrss) is its own; XLA's own temp-buffer estimate is printed beside it.
-Model FLOPs are analytic (matmuls only, backward = 2x forward, recomputation not counted).
+talk tokens, P=2 thoughts per position. Each case runs in its own process. Memory, per case:
+  XLA temp     the compiled step's temporary buffers (what an accelerator would hold beyond
+               parameters, optimizer state and batch);
+  step RSS     peak resident memory of the process while it runs the step: the high-water mark
+               is reset after compilation, once the compiler's freed heap is handed back;
+  peak RSS     ru_maxrss over the whole process, compilation included.
+Model FLOPs are analytic (matmuls only, backward = 2x forward, recomputation not counted). The
+plain LM step runs before and after the Quiet-STaR cases; the faster of the two is the reference.
 """
 import argparse
+import ctypes
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -43,7 +51,22 @@ def plain_flops(cfg) -> float:
   return 3 * B * L * (cfg.num_layers * layer_flops(cfg, L) + 2 * cfg.embed_dim * cfg.vocab_size)
 
 
-def run_case(ahead: int, remat: str) -> dict:
+def _status_mib(field: str) -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith(field + ":"):
+        return int(line.split()[1]) / 1024
+  raise KeyError(field)
+
+
+def _reset_peak_rss() -> None:
+  """Returns freed heap to the OS, then restarts the VmHWM high-water mark at the current RSS."""
+  ctypes.CDLL("libc.so.6").malloc_trim(0)
+  with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+
+
+def run_case(ahead: int, remat: str, chunk: int, chunk_remat: str) -> dict:
   """One measurement in this process: ahead == 0 is the plain LM step."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -71,7 +94,8 @@ def run_case(ahead: int, remat: str) -> dict:
       return train_lib.next_token_loss(logits, b["tokens"], b["mask"])[0], {}
     flops = plain_flops(cfg)
   else:
-    qs = qs_config.QuietStarConfig(n_ahead=ahead, n_ahead_talk=TALK, n_passes=P)
+    qs = qs_config.QuietStarConfig(n_ahead=ahead, n_ahead_talk=TALK, n_passes=P,
+                                   chunk_positions=chunk, chunk_remat=chunk_remat)
     model = thoughts.QuietStarModel(cfg, qs, start_id=cfg.vocab_size - 2,
                                     end_id=cfg.vocab_size - 1, init_id=5)
     params = model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32),
@@ -86,6 +110,7 @@ def run_case(ahead: int, remat: str) -> dict:
   step = jax.jit(train_lib.make_train_step(loss_fn, optimizer), donate_argnums=0)
   compiled = step.lower(state, batch).compile()
   temp = compiled.memory_analysis().temp_size_in_bytes
+  _reset_peak_rss()
   holder = [state]
 
   def run():
@@ -93,6 +118,7 @@ def run_case(ahead: int, remat: str) -> dict:
     return metrics["loss"]
   seconds = common.time_fn(run, warmup=1, iters=3)
   return dict(ahead=ahead, seconds=seconds, flops=flops, temp_bytes=int(temp),
+              step_rss=_status_mib("VmHWM") * 2**20,
               peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
@@ -100,38 +126,47 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--ahead", default="4,8,12,16")
   parser.add_argument("--remat", default="full")
+  parser.add_argument("--chunk", type=int, default=32, help="quietstar.chunk_positions")
+  parser.add_argument("--chunk_remat", default="dots_no_batch", help="quietstar.chunk_remat")
   parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.single is not None:
-    print(json.dumps(run_case(args.single, args.remat)))
+    print(json.dumps(run_case(args.single, args.remat, args.chunk, args.chunk_remat)))
     return
 
   def spawn(ahead):
     out = subprocess.run([sys.executable, "-m", "benchmarks.quietstar_step", "--single",
-                          str(ahead), "--remat", args.remat], check=True, capture_output=True,
+                          str(ahead), "--remat", args.remat, "--chunk", str(args.chunk),
+                          "--chunk_remat", args.chunk_remat], check=True, capture_output=True,
                          text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
   from benchmarks import common  # pylint: disable=g-import-not-at-top
   peak = common.matmul_gflops()
-  plain = spawn(0)
-  plain_rate = plain["flops"] / plain["seconds"] / 1e9
+  before = spawn(0)
   cases = [spawn(int(a)) for a in args.ahead.split(",")]
-  print(f"# Quiet-STaR step: {MODEL}, batch {B} x {L}, K={TALK}, P={P}, remat {args.remat}; "
-        f"{platform.processor() or platform.machine()} CPU")
+  after = spawn(0)
+  plain = min(before, after, key=lambda c: c["seconds"])
+  plain_rate = plain["flops"] / plain["seconds"] / 1e9
+  print(f"# Quiet-STaR step: {MODEL}, batch {B} x {L}, K={TALK}, P={P}, remat {args.remat}, "
+        f"chunk_positions {args.chunk}, chunk_remat {args.chunk_remat}; "
+        f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
   print(f"# plain 2048x2048 fp32 matmul: {peak:.1f} GFLOP/s; plain LM train step: "
-        f"{plain['seconds'] * 1e3:.0f} ms, {plain_rate:.1f} GFLOP/s, "
-        f"peak RSS {plain['peak_rss'] / 2**20:.0f} MiB")
+        f"{before['seconds'] * 1e3:.0f} / {after['seconds'] * 1e3:.0f} ms (before / after), "
+        f"{plain_rate:.1f} GFLOP/s, XLA temp {plain['temp_bytes'] / 2**20:.0f} MiB, "
+        f"step RSS {plain['step_rss'] / 2**20:.0f} MiB, peak RSS {plain['peak_rss'] / 2**20:.0f} MiB")
   rows = []
   for c in cases:
     rate = c["flops"] / c["seconds"] / 1e9
     rows.append((c["ahead"], c["ahead"] - 3, f"{c['seconds']:.2f}", f"{c['flops'] / 1e9:.0f}",
                  f"{rate:.1f}", f"{100 * rate / plain_rate:.0f}%",
-                 f"{c['peak_rss'] / 2**20:.0f}", f"{c['temp_bytes'] / 2**20:.0f}"))
+                 f"{c['temp_bytes'] / 2**20:.0f}", f"{c['step_rss'] / 2**20:.0f}",
+                 f"{c['peak_rss'] / 2**20:.0f}"))
   common.print_table(("A (n_ahead)", "sampled", "step s", "GFLOP/step", "GFLOP/s",
-                      "of plain step", "peak RSS MiB", "XLA temp MiB"), rows)
+                      "of plain step", "XLA temp MiB", "step RSS MiB", "peak RSS MiB"), rows)
   a = np.array([c["ahead"] for c in cases], float)
-  for key, name in (("peak_rss", "peak RSS"), ("temp_bytes", "XLA temp")):
+  for key, name in (("temp_bytes", "XLA temp"), ("step_rss", "step RSS"),
+                    ("peak_rss", "peak RSS")):
     y = np.array([c[key] for c in cases], float) / 2**20
     slope, intercept = np.polyfit(a, y, 1)
     quad = np.polyfit(a, y, 2)[0] if len(a) > 2 else 0.0

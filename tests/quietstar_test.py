@@ -17,9 +17,10 @@ from jaxstar.quietstar import thoughts
 START, END, PAD = 259, 260, 2
 
 
-def _model(n_ahead=5, talk=3, passes=2, **cfg_kw):
+def _model(n_ahead=5, talk=3, passes=2, qs_kw=None, **cfg_kw):
   cfg = model_lib.get_config("tiny", num_layers=2, **cfg_kw)
-  qs = qs_config.QuietStarConfig(n_ahead=n_ahead, n_ahead_talk=talk, n_passes=passes)
+  qs = qs_config.QuietStarConfig(n_ahead=n_ahead, n_ahead_talk=talk, n_passes=passes,
+                                 **(qs_kw or {}))
   return thoughts.QuietStarModel(cfg, qs, start_id=START, end_id=END, init_id=48, pad_id=PAD)
 
 
@@ -83,8 +84,9 @@ def _naive(model, params, tokens, mask, thoughts_nls):
   return base_logits, base_hidden, thought_logits, talk_hidden
 
 
-def test_parallel_thoughts_match_naive_reference():
-  model = _model()
+@pytest.mark.parametrize("chunk", [0, 3])  # all positions at once; 3 chunks, the last padded
+def test_parallel_thoughts_match_naive_reference(chunk):
+  model = _model(qs_kw=dict(chunk_positions=chunk))
   tokens, mask = _batch()
   params = _params(model, tokens)
   out = model.apply({"params": params}, tokens, mask, jax.random.key(3), return_logits=True)
@@ -172,6 +174,8 @@ def test_two_passes_give_one_positive_advantage_per_position():
     (dict(n_ahead_talk=0), "n_ahead_talk=0 must be >= 1"),
     (dict(n_passes=0), "n_passes=0 must be >= 1"),
     (dict(reward_reduction="max"), "reward_reduction"),
+    (dict(chunk_positions=-1), "chunk_positions=-1 must be >= 0"),
+    (dict(chunk_remat="some"), "chunk_remat='some'"),
 ])
 def test_bad_config_is_a_clear_error(kw, message):
   with pytest.raises(ValueError, match=message):
@@ -217,7 +221,7 @@ def _train_step(model, mesh):
 def test_sharded_step_equals_unsharded_and_traces_once():
   import chex  # pylint: disable=g-import-not-at-top
   from jaxstar import sharding  # pylint: disable=g-import-not-at-top
-  model = _model(n_ahead=5, talk=2)
+  model = _model(n_ahead=5, talk=2, qs_kw=dict(chunk_positions=4))  # a scan of 2 chunks
   tokens, mask = _batch(b=4, l=8)
   results = []
   for shape in [(1, 1, 1), (2, 2, 2)]:
@@ -311,17 +315,26 @@ def test_single_pass_uses_the_raw_reward():
   np.testing.assert_array_equal(qs_loss.advantages(r, passes=1), [[0.5, 0.0, 0.0]])
 
 
-def test_remat_logits_changes_neither_loss_nor_gradients():
-  import dataclasses  # pylint: disable=g-import-not-at-top
-  model = _model(n_ahead=5, talk=2)
-  remat = model.clone(qs=dataclasses.replace(model.qs, remat_logits=True))
+@pytest.mark.parametrize("qs_kw", [
+    dict(remat_logits=True),
+    dict(chunk_positions=3),
+    dict(chunk_positions=4, chunk_remat="full"),
+    dict(chunk_positions=1, chunk_remat="dots_no_batch"),
+])
+def test_memory_options_change_neither_loss_nor_gradients(qs_kw):
+  model = _model(n_ahead=5, talk=2, qs_kw=dict(chunk_positions=0))
+  other = _model(n_ahead=5, talk=2, qs_kw=qs_kw)
   tokens, mask = _batch()
   params = _params(model, tokens)
+  forced = jax.random.randint(jax.random.key(6), (4, 8, model.qs.num_sampled), 3, 250)
 
-  def loss(m, p):
-    return qs_loss.quietstar_loss(m.apply({"params": p}, tokens, mask, jax.random.key(5)),
-                                  mask, m.qs)[1]["nll"]
-  (l0, g0), (l1, g1) = [jax.value_and_grad(lambda p, m=m: loss(m, p))(params)
-                        for m in (model, remat)]
-  np.testing.assert_allclose(l0, l1, atol=1e-5)
+  def loss(m, p):  # the policy term unscaled, so both parts weigh alike
+    out = m.apply({"params": p}, tokens, mask, jax.random.key(5), forced_thoughts=forced)
+    metrics = qs_loss.quietstar_loss(out, mask, m.qs)[1]
+    return metrics["nll"] + metrics["policy_loss"], metrics
+  (l0, m0), g0 = jax.value_and_grad(lambda p: loss(model, p), has_aux=True)(params)
+  (l1, m1), g1 = jax.value_and_grad(lambda p: loss(other, p), has_aux=True)(params)
+  assert float(m0["policy_loss"]) != 0.0  # a live policy term: the comparison covers it
+  for key in ("nll", "policy_loss", "reward_mean", "mix_weight_mean"):
+    np.testing.assert_allclose(m0[key], m1[key], atol=1e-5, err_msg=key)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g0, g1)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxstar.model.config import REMAT_POLICIES
+
 REWARD_REDUCTIONS = ("sum", "mean")
 
 
@@ -26,6 +28,10 @@ class QuietStarConfig:
   greedy_eval_thoughts: bool = False  # eval thoughts by argmax (paper) instead of T=1 (code)
   remat_logits: bool = False        # recompute [.., V] logits in the backward pass instead of
                                     # keeping their softmax (memory vs. one more lm_head matmul)
+  # The thought and talk passes run as a scan over chunks of positions, each chunk recomputed in
+  # the backward pass: the live activations are one chunk's (linear in n_ahead), not all of them.
+  chunk_positions: int = 32         # positions per chunk (0: all positions in one chunk)
+  chunk_remat: str = "dots_no_batch"  # layer remat policy inside a chunk
 
   def __post_init__(self):
     if self.original_mode:
@@ -37,6 +43,12 @@ class QuietStarConfig:
       raise ValueError(f"quietstar.n_ahead_talk={self.n_ahead_talk} must be >= 1")
     if self.n_passes < 1:
       raise ValueError(f"quietstar.n_passes={self.n_passes} must be >= 1")
+    if self.chunk_positions < 0:
+      raise ValueError(f"quietstar.chunk_positions={self.chunk_positions} must be >= 0 "
+                       "(0: all positions in one chunk)")
+    if self.chunk_remat not in REMAT_POLICIES:
+      raise ValueError(f"quietstar.chunk_remat={self.chunk_remat!r}; choose one of "
+                       f"{REMAT_POLICIES}")
     if self.reward_reduction not in REWARD_REDUCTIONS:
       raise ValueError(f"quietstar.reward_reduction={self.reward_reduction!r}; "
                        f"choose one of {REWARD_REDUCTIONS}")

@@ -18,17 +18,22 @@ same position), plus causally within its own talk block; one softmax over all of
 padded position's branch sees only the real prefix (its diagonal entries are masked), as in the
 official code.
 
-Every pass keeps only its new keys/values (one [layers, N, L, K, E] pair per pass, no growing
+The thought and talk passes of different positions share nothing but the base pass, so they run
+C = `chunk_positions` positions at a time, in a scan over chunks whose body is recomputed in the
+backward pass: the backward holds one chunk's activations, not all positions'. Within a chunk
+every pass keeps only its new keys/values (one [layers, N, C, K, E] pair per pass, no growing
 buffer in a loop carry), so memory grows linearly with the thought length.
 """
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+import functools
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from jaxstar.model import attention
 from jaxstar.model import transformer
@@ -43,12 +48,13 @@ MASKED_LOGIT = -1e10  # start/end logits while sampling thoughts (official value
 class ThoughtAttend:
   """Attention of Q new tokens per position and copy against prefix + branch + own block.
 
-  Queries arrive as [N, L * Q, H, E] (position-major). `layer_state` per layer is
-  `(prefix_k, prefix_v, branch)`: prefix [B, L, K, E] from the base pass, branch a tuple of
-  (k, v) pairs [N, L, K, E], one per earlier thought pass. Returns the new keys/values.
+  Queries arrive as [N, L * Q, H, E] (position-major) for L branch positions (all of the text or
+  a chunk of it). `layer_state` per layer is `(prefix_k, prefix_v, branch)`: prefix [B, S, K, E]
+  from the base pass over the S text tokens, branch a tuple of (k, v) pairs [N, L, K, E], one per
+  earlier thought pass. Returns the new keys/values.
 
   Attributes:
-    prefix_mask_bij: [B, L, L] bool, text key j visible to branch i (causal, window, padding).
+    prefix_mask_bij: [B, L, S] bool, text key j visible to branch i (causal, window, padding).
     own_ok_bi: [B, L] bool, False where x_i is padding (its branch and block keys are masked).
     passes: P (static).
     block: Q (static).
@@ -60,7 +66,8 @@ class ThoughtAttend:
 
   def __call__(self, q, k, v, layer_state):
     prefix_k, prefix_v, branch = layer_state
-    b, l, kv_heads, e = prefix_k.shape
+    b, s_len, kv_heads, e = prefix_k.shape
+    l = self.own_ok_bi.shape[1]
     p, qn = self.passes, self.block
     h = q.shape[2]
     g = h // kv_heads
@@ -87,10 +94,10 @@ class ThoughtAttend:
 
     probs = jax.nn.softmax(jnp.concatenate([s_pre] + s_branch + [s_block], axis=-1), axis=-1)
     probs = probs.astype(v.dtype)
-    out = jnp.einsum("bpikxj,bjke->bpikxe", probs[..., :l], prefix_v)
+    out = jnp.einsum("bpikxj,bjke->bpikxe", probs[..., :s_len], prefix_v)
     for j, (_, bv) in enumerate(branch):
-      out = out + probs[..., l + j, None] * per_row(bv)[:, :, :, :, None, :]
-    out = out + jnp.einsum("bpikxr,bpirke->bpikxe", probs[..., l + len(branch):], v6)
+      out = out + probs[..., s_len + j, None] * per_row(bv)[:, :, :, :, None, :]
+    out = out + jnp.einsum("bpikxr,bpirke->bpikxe", probs[..., s_len + len(branch):], v6)
     out = out.reshape(b, p, l, kv_heads, qn, g, e).transpose(0, 1, 2, 4, 3, 5, 6)
     return out.reshape(b * p, l * qn, h, e), (k, v)
 
@@ -150,32 +157,29 @@ class QuietStarModel(nn.Module):
 
   def __call__(self, tokens_bl, mask_bl, rng, *, forced_thoughts=None, greedy=False,
                return_logits=False):
-    """Runs the base pass, the thought passes and the talk pass.
+    """Runs the base pass, then the thought passes and the talk pass chunk by chunk.
 
     Args:
       tokens_bl: [B, L] int token ids; mask_bl: [B, L] real-token mask (right padding).
       rng: key for sampling thought tokens (T = 1, start/end excluded).
       forced_thoughts: optional [N, L, A'-3] thought tokens used instead of samples (tests).
       greedy: argmax thoughts instead of sampling.
-      return_logits: also return the full logits (tests; costs memory).
+      return_logits: also return the full logits and hidden states (tests; costs memory).
     Returns:
       dict with
         base_ce [B, L]: CE of x_{i+1} under the base logits at i (0 at i = L-1),
         talk_ce [N, L, A]: CE of x_{i+k+1} under the mixed logits of talk step k,
         thought_logprob [N, L, A'-3]: log-probability of each sampled thought token at the
           REINFORCE temperature (with gradient),
-        thoughts [N, L, A'-3], mix_weight [N, L, A], base_hidden [B, L, D],
-        talk_hidden [N, L, A, D]; with return_logits also base_logits [B, L, V],
+        thoughts [N, L, A'-3], mix_weight [N, L, A]; with return_logits also
+        base_logits [B, L, V], base_hidden [B, L, D], talk_hidden [N, L, A, D],
         thought_logits [N, L, A'-3, V] (start/end masked) and talk_logits [N, L, A, V].
     """
     qs, cfg = self.qs, self.cfg
     b, l = tokens_bl.shape
     p, talk = qs.n_passes, qs.n_ahead_talk
-    n, d = b * p, cfg.embed_dim
     valid = mask_bl.astype(bool)
     idx = jnp.arange(l, dtype=jnp.int32)
-    w_dv = self._head()
-    remat = qs.remat_logits
     out = {}
 
     # Base pass: once per document; its keys/values are every branch's prefix.
@@ -183,67 +187,139 @@ class QuietStarModel(nn.Module):
     base_hidden, prefix_kv = self.lm.run_layers(
         self.lm.embed(tokens_bl), jnp.broadcast_to(idx, (b, l)),
         attention.CausalAttend(prefix_mask, return_kv=True))
-    next_tokens = jnp.roll(tokens_bl, -1, axis=1)
-    out["base_ce"] = token_ce(base_hidden, w_dv, next_tokens, remat, cfg.dtype)
+    out["base_ce"] = token_ce(base_hidden, self._head(), jnp.roll(tokens_bl, -1, axis=1),
+                              qs.remat_logits, cfg.dtype)
     if return_logits:
-      out["base_logits"] = self.lm.logits(base_hidden)
+      out.update(base_logits=self.lm.logits(base_hidden), base_hidden=base_hidden)
 
-    def run(x_nld, positions, block, branch):
-      attend = ThoughtAttend(prefix_mask, valid, passes=p, block=block)
-      return self.lm.run_layers(x_nld, positions, attend, (*prefix_kv, tuple(branch)))
+    # Everything a branch at position i needs besides the prefix keys/values, [B, L, ...].
+    shifted = lambda x_bl, ks: jnp.stack([jnp.roll(x_bl, -k, axis=1) for k in ks], axis=2)
+    beyond = idx[:, None] + jnp.arange(1, talk + 1) >= l                  # [L, A]: past the text
+    per_position = dict(
+        index=jnp.broadcast_to(idx, (b, l)), valid=valid,
+        ahead=(jnp.where(beyond[:, :talk - 1], self.pad_id, shifted(tokens_bl, range(1, talk)))
+               if talk > 1 else jnp.zeros((b, l, 0), jnp.int32)),
+        targets=shifted(tokens_bl, range(1, talk + 1)),
+        base_rolled=shifted(base_hidden, range(talk)))
+    if forced_thoughts is not None:
+      per_position["forced"] = forced_thoughts.reshape(b, p, l, -1).transpose(0, 2, 1, 3)
+
+    # Thought and talk passes, `chunk_positions` positions at a time under a scan whose body is
+    # recomputed in the backward pass. Only the sampled thought tokens are kept from the forward,
+    # so the recomputation sees the same thoughts.
+    chunk = min(qs.chunk_positions or l, l)
+    num_chunks = -(-l // chunk)
+    pad = num_chunks * chunk - l
+
+    def to_chunks(x):  # [B, L, ...] -> [num_chunks, B, chunk, ...] (padding is not real)
+      x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+      return jnp.moveaxis(x.reshape(b, num_chunks, chunk, *x.shape[2:]), 1, 0)
+
+    def from_chunks(y):  # [num_chunks, N, chunk, ...] -> [N, L, ...]
+      y = jnp.moveaxis(y, 0, 1)
+      return y.reshape(y.shape[0], num_chunks * chunk, *y.shape[3:])[:, :l]
+
+    params = self.variables["params"]
+    body = functools.partial(
+        _thought_chunk, self._chunk_module(), params, prefix_kv, valid, rng,
+        greedy=greedy, return_logits=return_logits)
+    body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(
+        "thought_tokens"))
+    xs = jax.tree.map(to_chunks, per_position)
+    _, ys = jax.lax.scan(lambda carry, x: (carry, body(x)), None,
+                         (jnp.arange(num_chunks, dtype=jnp.int32), xs))
+    out.update(jax.tree.map(from_chunks, ys))
+    return out
+
+  def _chunk_module(self) -> "QuietStarModel":
+    """An unbound copy whose layers use `qs.chunk_remat` (applied to this model's params)."""
+    cfg = dataclasses.replace(self.cfg, remat_policy=self.qs.chunk_remat)
+    return QuietStarModel(cfg, self.qs, self.start_id, self.end_id, self.init_id, self.pad_id,
+                          parent=None)
+
+  def chunk_passes(self, prefix_kv, valid_bs, rng, chunk_id, x, *, greedy, return_logits):
+    """The thought passes and the talk pass for a chunk of positions (see `__call__`).
+
+    Args:
+      prefix_kv: the base pass's (k, v), each [layers, B, S, K, E] with S = L.
+      valid_bs: [B, S] real-token mask of the keys.
+      rng: the step's sampling key; chunk_id: int32 scalar, this chunk's index.
+      x: dict of [B, C, ...] per-position inputs for the C positions of the chunk: index,
+        valid, ahead [.., A-1], targets [.., A], base_rolled [.., A, D], optional forced [.., P, S].
+    Returns:
+      dict of [N, C, ...] outputs (the per-position entries of `__call__`'s result).
+    """
+    qs, cfg = self.qs, self.cfg
+    b, c = x["index"].shape
+    p, talk = qs.n_passes, qs.n_ahead_talk
+    n, d = b * p, cfg.embed_dim
+    w_dv = self._head()
+    rows = lambda a: jnp.repeat(a, p, axis=0)                          # [B, ...] -> [N, ...]
+    prefix_mask = attention.visible_keys(x["index"], jnp.arange(valid_bs.shape[1]), valid_bs,
+                                         cfg.sliding_window)           # [B, C, S]
+    out = {}
+
+    def run(x_ncd, positions_nc, block, branch):
+      attend = ThoughtAttend(prefix_mask, x["valid"], passes=p, block=block)
+      return self.lm.run_layers(x_ncd, positions_nc, attend, (*prefix_kv, tuple(branch)))
 
     # Thought passes: start, then sampled tokens; each adds one key/value per position.
-    sample = jax.checkpoint(sample_thought, static_argnums=(4, 5, 6, 7)) if remat \
-        else sample_thought
+    rng = jax.random.fold_in(rng, chunk_id)
     branch, thoughts, logprobs, thought_logits = [], [], [], []
-    x = self._vector(self.start_thought, (n, l, d))
+    h = self._vector(self.start_thought, (n, c, d))
     for s in range(1, qs.n_ahead - 1):
-      hidden, kv = run(x, jnp.broadcast_to(idx + s, (n, l)), 1, branch)
+      hidden, kv = run(h, rows(x["index"]) + s, 1, branch)
       branch.append(kv)
       if s > qs.num_sampled:
         break  # the last thought token's output is unused: the end token is forced next
-      forced = None if forced_thoughts is None else forced_thoughts[:, :, s - 1]
-      token, logprob = sample(hidden, w_dv, jax.random.fold_in(rng, s), forced,
-                              (self.start_id, self.end_id), qs.reinforce_temperature, greedy,
-                              cfg.dtype)
+      forced = None if "forced" not in x else x["forced"][..., s - 1].transpose(0, 2, 1)
+      token, logprob = sample_thought(
+          hidden, w_dv, jax.random.fold_in(rng, s), None if forced is None else
+          forced.reshape(n, c), (self.start_id, self.end_id), qs.reinforce_temperature,
+          greedy, cfg.dtype)
+      token = checkpoint_name(token, "thought_tokens")
       thoughts.append(token)
       logprobs.append(logprob)
       if return_logits:
         thought_logits.append(self.thought_logits(hidden))
-      x = self.lm.embed(token)
+      h = self.lm.embed(token)
     out["thoughts"] = jnp.stack(thoughts, axis=-1)
     out["thought_logprob"] = jnp.stack(logprobs, axis=-1)
     if return_logits:
       out["thought_logits"] = jnp.stack(thought_logits, axis=2)
 
     # Talk pass: [end, x_{i+1}, ..., x_{i+A-1}] per position as one causal block.
-    shifted = lambda x_bl, ks: jnp.stack([jnp.roll(x_bl, -k, axis=1) for k in ks], axis=2)
-    x_talk = self._vector(self.end_thought, (n, l, 1, d))
+    h = self._vector(self.end_thought, (n, c, 1, d))
     if talk > 1:
-      ahead = shifted(tokens_bl, range(1, talk))                          # [B, L, A-1]
-      beyond = idx[:, None] + jnp.arange(1, talk) >= l                    # past the text: pad
-      ahead = jnp.repeat(jnp.where(beyond, self.pad_id, ahead), p, axis=0)  # [N, L, A-1]
-      x_talk = jnp.concatenate(
-          [x_talk, self.lm.embed(ahead.reshape(n, -1)).reshape(n, l, talk - 1, d)], axis=2)
-    x_talk = x_talk.reshape(n, l * talk, d)
-    talk_pos = (idx[:, None] + qs.n_ahead - 1 + jnp.arange(talk, dtype=jnp.int32)).reshape(-1)
-    talk_hidden, _ = run(x_talk, jnp.broadcast_to(talk_pos, (n, l * talk)), talk, branch)
-    talk_hidden = talk_hidden.reshape(n, l, talk, d)
+      ahead = rows(x["ahead"])                                          # [N, C, A-1]
+      h = jnp.concatenate([h, self.lm.embed(ahead.reshape(n, -1)).reshape(n, c, talk - 1, d)],
+                          axis=2)
+    talk_pos = rows(x["index"])[:, :, None] + qs.n_ahead - 1 + jnp.arange(talk)
+    talk_hidden, _ = run(h.reshape(n, c * talk, d), talk_pos.reshape(n, c * talk), talk, branch)
+    talk_hidden = talk_hidden.reshape(n, c, talk, d)
 
     # Mixing: the talk state at (i, k) predicts x_{i+k+1}, as does the base state at i + k.
-    base_rolled = jnp.repeat(shifted(base_hidden, range(talk)), p, axis=0)  # [N, L, A, D]
-    w = self.mixing(base_rolled, talk_hidden)                              # [N, L, A, 1]
+    base_rolled = rows(x["base_rolled"])                                # [N, C, A, D]
+    w = self.mixing(base_rolled, talk_hidden)                           # [N, C, A, 1]
     h_mix = mix(base_rolled, talk_hidden, w)
-    targets = jnp.repeat(shifted(tokens_bl, range(1, talk + 1)), p, axis=0)  # [N, L, A]
-    out["talk_ce"] = token_ce(h_mix, w_dv, targets, remat, cfg.dtype)
+    out["talk_ce"] = token_ce(h_mix, w_dv, rows(x["targets"]), qs.remat_logits, cfg.dtype)
+    out["mix_weight"] = w[..., 0]
     if return_logits:
-      out["talk_logits"] = self.lm.logits(h_mix.reshape(n, l * talk, d)).reshape(n, l, talk, -1)
-    out.update(mix_weight=w[..., 0], base_hidden=base_hidden, talk_hidden=talk_hidden)
+      out["talk_logits"] = self.lm.logits(h_mix.reshape(n, c * talk, d)).reshape(n, c, talk, -1)
+      out["talk_hidden"] = talk_hidden
     return out
 
   def thought_logits(self, h_nld):
     """lm_head logits with the start/end ids masked: the thought sampling distribution."""
     return mask_thought_ids(self.lm.logits(h_nld), (self.start_id, self.end_id))
+
+
+def _thought_chunk(module: QuietStarModel, params, prefix_kv, valid_bs, rng, chunk, *, greedy,
+                   return_logits):
+  """`module.chunk_passes` as a function of the params (the body of the scan over chunks)."""
+  chunk_id, x = chunk
+  return module.apply({"params": params}, prefix_kv, valid_bs, rng, chunk_id, x, greedy=greedy,
+                      return_logits=return_logits, method=QuietStarModel.chunk_passes)
 
 
 def mask_thought_ids(logits, ids):
@@ -271,6 +347,8 @@ def token_ce(h, w_dv, targets, remat: bool, dtype: str = "float32"):
 def sample_thought(h_nld, w_dv, key, forced, ids, temperature, greedy, dtype):
   """Samples a thought token per position from softmax(logits) at T = 1, start/end excluded.
 
+  Sampling is by inverse CDF, one uniform number per row: exact, and on CPU several times
+  cheaper than Gumbel-max, which draws and takes two logarithms of a number per vocabulary entry.
   Returns (token [N, L] int32, log-probability of it under softmax(logits / temperature)).
   The token carries no gradient (no straight-through): only REINFORCE teaches the choice.
   """
@@ -280,7 +358,14 @@ def sample_thought(h_nld, w_dv, key, forced, ids, temperature, greedy, dtype):
   elif greedy:
     token = jnp.argmax(logits, axis=-1)
   else:
-    token = jax.random.categorical(key, logits, axis=-1)
+    token = sample_inverse_cdf(key, jax.lax.stop_gradient(logits))
   token = jax.lax.stop_gradient(token).astype(jnp.int32)
   logprob = jax.nn.log_softmax(logits / temperature, axis=-1)
   return token, jnp.take_along_axis(logprob, token[..., None], axis=-1)[..., 0]
+
+
+def sample_inverse_cdf(key, logits):
+  """One draw per row from softmax(logits) [..., V]: the first id whose CDF reaches u ~ U(0, 1)."""
+  cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
+  u = jax.random.uniform(key, logits.shape[:-1] + (1,), cdf.dtype) * cdf[..., -1:]
+  return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
