@@ -113,7 +113,7 @@ def quietstar_config(**overrides) -> ml_collections.ConfigDict:
       original_mode=False,              # the no-thought baseline (plain next-token CE)
       greedy_eval_thoughts=False,       # argmax thoughts at eval (paper) vs T=1 (code)
       remat_logits=False,               # recompute vocabulary logits in backward (saves memory)
-      chunk_positions=32,               # branch positions per scan step (0: all at once)
+      chunk_positions=32,               # positions per recomputed scan step (0: one plain pass)
       chunk_remat="dots_no_batch",      # layer remat inside a chunk (chunks are recomputed)
   ))
   cfg.update(overrides)

@@ -30,7 +30,9 @@ class QuietStarConfig:
                                     # keeping their softmax (memory vs. one more lm_head matmul)
   # The thought and talk passes run as a scan over chunks of positions, each chunk recomputed in
   # the backward pass: the live activations are one chunk's (linear in n_ahead), not all of them.
-  chunk_positions: int = 32         # positions per chunk (0: all positions in one chunk)
+  # chunk_positions=0 runs all positions in one pass that is not recomputed as a whole (its
+  # layers follow the model's remat_policy): faster for small models, with memory for all.
+  chunk_positions: int = 32         # positions per chunk, or 0
   chunk_remat: str = "dots_no_batch"  # layer remat policy inside a chunk
 
   def __post_init__(self):

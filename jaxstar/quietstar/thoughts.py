@@ -219,15 +219,20 @@ class QuietStarModel(nn.Module):
       y = jnp.moveaxis(y, 0, 1)
       return y.reshape(y.shape[0], num_chunks * chunk, *y.shape[3:])[:, :l]
 
-    params = self.variables["params"]
-    body = functools.partial(
-        _thought_chunk, self._chunk_module(), params, prefix_kv, valid, rng,
-        greedy=greedy, return_logits=return_logits)
-    body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(
-        "thought_tokens"))
     xs = jax.tree.map(to_chunks, per_position)
-    _, ys = jax.lax.scan(lambda carry, x: (carry, body(x)), None,
-                         (jnp.arange(num_chunks, dtype=jnp.int32), xs))
+    chunk_ids = jnp.arange(num_chunks, dtype=jnp.int32)
+    if not qs.chunk_positions:  # one pass over all positions, layers remat'd as the model's
+      ys = self.chunk_passes(prefix_kv, valid, rng, chunk_ids[0],
+                             jax.tree.map(lambda x: x[0], xs), greedy=greedy,
+                             return_logits=return_logits)
+      ys = jax.tree.map(lambda y: y[None], ys)
+    else:
+      body = functools.partial(
+          _thought_chunk, self._chunk_module(), self.variables["params"], prefix_kv, valid, rng,
+          greedy=greedy, return_logits=return_logits)
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(
+          "thought_tokens"))
+      _, ys = jax.lax.scan(lambda carry, x: (carry, body(x)), None, (chunk_ids, xs))
     out.update(jax.tree.map(from_chunks, ys))
     return out
 
