@@ -47,7 +47,7 @@ class QuietStarConfig:
       raise ValueError(f"quietstar.n_passes={self.n_passes} must be >= 1")
     if self.chunk_positions < 0:
       raise ValueError(f"quietstar.chunk_positions={self.chunk_positions} must be >= 0 "
-                       "(0: all positions in one chunk)")
+                       "(0: one pass over all positions)")
     if self.chunk_remat not in REMAT_POLICIES:
       raise ValueError(f"quietstar.chunk_remat={self.chunk_remat!r}; choose one of "
                        f"{REMAT_POLICIES}")

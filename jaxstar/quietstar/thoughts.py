@@ -277,11 +277,11 @@ class QuietStarModel(nn.Module):
       branch.append(kv)
       if s > qs.num_sampled:
         break  # the last thought token's output is unused: the end token is forced next
-      forced = None if "forced" not in x else x["forced"][..., s - 1].transpose(0, 2, 1)
-      token, logprob = sample_thought(
-          hidden, w_dv, jax.random.fold_in(rng, s), None if forced is None else
-          forced.reshape(n, c), (self.start_id, self.end_id), qs.reinforce_temperature,
-          greedy, cfg.dtype)
+      forced = (x["forced"][..., s - 1].transpose(0, 2, 1).reshape(n, c)     # [B, C, P] -> [N, C]
+                if "forced" in x else None)
+      token, logprob = sample_thought(hidden, w_dv, jax.random.fold_in(rng, s), forced,
+                                      (self.start_id, self.end_id), qs.reinforce_temperature,
+                                      greedy, cfg.dtype)
       token = checkpoint_name(token, "thought_tokens")
       thoughts.append(token)
       logprobs.append(logprob)
