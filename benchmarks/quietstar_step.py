@@ -14,6 +14,8 @@ Model FLOPs are analytic (matmuls only, backward = 2x forward, recomputation not
 case's rate is compared with the plain LM step timed in turns with it in the same process
 ("plain GFLOP/s"); the plain step's own memory comes from a process of its own.
 """
+from __future__ import annotations
+
 import argparse
 import ctypes
 import json
@@ -36,11 +38,11 @@ def layer_flops(cfg, context: float) -> float:
   return 2 * d * (h * e + 2 * k * e) + 2 * h * e * d + 6 * d * f + 4 * h * e * context
 
 
-def quietstar_flops(cfg, ahead: int) -> float:
+def quietstar_flops(cfg, ahead: int, batch: int = B) -> float:
   """Forward+backward model FLOPs of one Quiet-STaR step (see module docstring)."""
-  d, v, n = cfg.embed_dim, cfg.vocab_size, B * P
+  d, v, n = cfg.embed_dim, cfg.vocab_size, batch * P
   head = 2 * d * v
-  fwd = B * L * (cfg.num_layers * layer_flops(cfg, L) + head)                  # base pass
+  fwd = batch * L * (cfg.num_layers * layer_flops(cfg, L) + head)              # base pass
   for s in range(1, ahead - 1):                                                # thought passes
     fwd += n * L * (cfg.num_layers * layer_flops(cfg, L + s) + (head if s <= ahead - 3 else 0))
   mixing = 2 * (2 * d * d + d * d + d)
@@ -48,8 +50,9 @@ def quietstar_flops(cfg, ahead: int) -> float:
   return 3 * fwd
 
 
-def plain_flops(cfg) -> float:
-  return 3 * B * L * (cfg.num_layers * layer_flops(cfg, L) + 2 * cfg.embed_dim * cfg.vocab_size)
+def plain_flops(cfg, batch: int = B) -> float:
+  head = 2 * cfg.embed_dim * cfg.vocab_size
+  return 3 * batch * L * (cfg.num_layers * layer_flops(cfg, L) + head)
 
 
 def _status_mib(field: str) -> float:
@@ -68,8 +71,10 @@ def _reset_peak_rss() -> None:
     f.write("5")
 
 
-def _build(ahead: int, remat: str, chunk: int, chunk_remat: str):
-  """A compiled train step; ahead == 0 is the plain LM step. Returns (run, flops, temp bytes)."""
+def build(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | None = None,
+          batch_size: int = B, dtype: str = "float32"):
+  """A compiled train step; ahead == 0 is the plain LM step. `model` overrides MODEL's fields.
+  Returns (run, flops, compiled.memory_analysis())."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -80,11 +85,11 @@ def _build(ahead: int, remat: str, chunk: int, chunk_remat: str):
   from jaxstar.quietstar import loss as qs_loss  # pylint: disable=g-import-not-at-top
   from jaxstar.quietstar import thoughts  # pylint: disable=g-import-not-at-top
 
-  cfg = model_lib.ModelConfig(**MODEL, remat_policy=remat)
+  cfg = model_lib.ModelConfig(**(model or MODEL), remat_policy=remat, dtype=dtype)
   optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
                                          weight_decay=0.0, clip_norm=1.0))
   optimizer = train_lib.make_optimizer(optim, 100)
-  tokens = jax.random.randint(jax.random.key(1), (B, L), 3, cfg.vocab_size - 2)
+  tokens = jax.random.randint(jax.random.key(1), (batch_size, L), 3, cfg.vocab_size - 2)
   batch = {"tokens": tokens, "mask": jnp.ones_like(tokens)}
   if ahead == 0:
     module = model_lib.Transformer(cfg)
@@ -94,7 +99,7 @@ def _build(ahead: int, remat: str, chunk: int, chunk_remat: str):
       del rng
       logits = module.apply({"params": p}, b["tokens"])
       return train_lib.next_token_loss(logits, b["tokens"], b["mask"])[0], {}
-    flops = plain_flops(cfg)
+    flops = plain_flops(cfg, batch_size)
   else:
     qs = qs_config.QuietStarConfig(n_ahead=ahead, n_ahead_talk=TALK, n_passes=P,
                                    chunk_positions=chunk, chunk_remat=chunk_remat)
@@ -106,7 +111,7 @@ def _build(ahead: int, remat: str, chunk: int, chunk_remat: str):
     def loss_fn(p, b, rng):
       out = model.apply({"params": p}, b["tokens"], b["mask"], rng)
       return qs_loss.quietstar_loss(out, b["mask"], qs)
-    flops = quietstar_flops(cfg, ahead)
+    flops = quietstar_flops(cfg, ahead, batch_size)
   state = train_lib.init_train_state(nn.unbox(params), optimizer, 0)
   step = jax.jit(train_lib.make_train_step(loss_fn, optimizer), donate_argnums=0)
   compiled = step.lower(state, batch).compile()
@@ -115,7 +120,7 @@ def _build(ahead: int, remat: str, chunk: int, chunk_remat: str):
   def run():
     holder[0], metrics = compiled(holder[0], batch)
     return metrics["loss"]
-  return run, flops, compiled.memory_analysis().temp_size_in_bytes
+  return run, flops, compiled.memory_analysis()
 
 
 def run_case(ahead: int, remat: str, chunk: int, chunk_remat: str) -> dict:
@@ -126,15 +131,15 @@ def run_case(ahead: int, remat: str, chunk: int, chunk_remat: str) -> dict:
   plain, case), so a slow spell of this shared machine hits both alike.
   """
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  run, flops, temp = _build(ahead, remat, chunk, chunk_remat)
+  run, flops, memory = build(ahead, remat, chunk, chunk_remat)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the reset below
   _reset_peak_rss()
   times = [common.time_fn(run, warmup=1, iters=3)]
   step_rss = _status_mib("VmHWM") * 2**20
-  out = dict(ahead=ahead, flops=flops, temp_bytes=int(temp), step_rss=step_rss,
-             peak_rss=max(peak_rss, step_rss))
+  out = dict(ahead=ahead, flops=flops, temp_bytes=int(memory.temp_size_in_bytes),
+             step_rss=step_rss, peak_rss=max(peak_rss, step_rss))
   if ahead:
-    plain_run, plain_flops_, _ = _build(0, remat, chunk, chunk_remat)
+    plain_run, plain_flops_, _ = build(0, remat, chunk, chunk_remat)
     plain_times = []
     for _ in range(2):
       plain_times.append(common.time_fn(plain_run, warmup=1, iters=5))

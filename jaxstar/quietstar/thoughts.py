@@ -21,8 +21,12 @@ official code.
 The thought and talk passes of different positions share nothing but the base pass, so they run
 C = `chunk_positions` positions at a time, in a scan over chunks whose body is recomputed in the
 backward pass: the backward holds one chunk's activations, not all positions'. Within a chunk
-every pass keeps only its new keys/values (one [layers, N, C, K, E] pair per pass, no growing
-buffer in a loop carry), so memory grows linearly with the thought length.
+the thought tokens are first sampled pass by pass without gradient (every pass keeps only its
+new keys/values, one [layers, N, C, K, E] pair per pass); then the whole branch, thoughts and
+talk tokens, runs once more as one teacher-forced block with an intra-block causal mask, and
+only that block pass is differentiated. Its activations grow linearly with the thought length,
+and every weight gets one gradient per chunk instead of one per pass (XLA otherwise keeps all
+the per-pass weight gradients alive at once to sum them).
 """
 from __future__ import annotations
 
@@ -243,7 +247,16 @@ class QuietStarModel(nn.Module):
                           parent=None)
 
   def chunk_passes(self, prefix_kv, valid_bs, rng, chunk_id, x, *, greedy, return_logits):
-    """The thought passes and the talk pass for a chunk of positions (see `__call__`).
+    """The thoughts and the talk tokens for a chunk of positions (see `__call__`).
+
+    Two steps. First the thought tokens are sampled pass by pass, without gradient, each pass
+    attending to the prefix and to the keys/values of the branch's earlier passes. Then the
+    whole branch, [start, t_1 .. t_S, end, x_{i+1} .. x_{i+A-1}] at RoPE positions i+1 ..
+    i+A'-2+A, runs again as one teacher-forced block, causal within itself. That block pass is
+    the differentiable one: it yields the thought log-probabilities and the talk states, with
+    the same values and gradients as the official pass-by-pass graph (given the tokens), but
+    as one pass of A'-2+A tokens per position: big matmuls, one weight gradient per layer
+    instead of one per pass, and a program whose size does not grow with A'.
 
     Args:
       prefix_kv: the base pass's (k, v), each [layers, B, S, K, E] with S = L.
@@ -256,52 +269,55 @@ class QuietStarModel(nn.Module):
     """
     qs, cfg = self.qs, self.cfg
     b, c = x["index"].shape
-    p, talk = qs.n_passes, qs.n_ahead_talk
+    p, talk, s_n = qs.n_passes, qs.n_ahead_talk, qs.num_sampled
     n, d = b * p, cfg.embed_dim
     w_dv = self._head()
+    ids = (self.start_id, self.end_id)
     rows = lambda a: jnp.repeat(a, p, axis=0)                          # [B, ...] -> [N, ...]
     prefix_mask = attention.visible_keys(x["index"], jnp.arange(valid_bs.shape[1]), valid_bs,
                                          cfg.sliding_window)           # [B, C, S]
-    out = {}
+    index = rows(x["index"])
 
     def run(x_ncd, positions_nc, block, branch):
       attend = ThoughtAttend(prefix_mask, x["valid"], passes=p, block=block)
       return self.lm.run_layers(x_ncd, positions_nc, attend, (*prefix_kv, tuple(branch)))
 
-    # Thought passes: start, then sampled tokens; each adds one key/value per position.
-    rng = jax.random.fold_in(rng, chunk_id)
-    branch, thoughts, logprobs, thought_logits = [], [], [], []
-    h = self._vector(self.start_thought, (n, c, d))
-    for s in range(1, qs.n_ahead - 1):
-      hidden, kv = run(h, rows(x["index"]) + s, 1, branch)
-      branch.append(kv)
-      if s > qs.num_sampled:
-        break  # the last thought token's output is unused: the end token is forced next
-      forced = (x["forced"][..., s - 1].transpose(0, 2, 1).reshape(n, c)     # [B, C, P] -> [N, C]
-                if "forced" in x else None)
-      token, logprob = sample_thought(hidden, w_dv, jax.random.fold_in(rng, s), forced,
-                                      (self.start_id, self.end_id), qs.reinforce_temperature,
-                                      greedy, cfg.dtype)
-      token = checkpoint_name(token, "thought_tokens")
-      thoughts.append(token)
-      logprobs.append(logprob)
-      if return_logits:
-        thought_logits.append(self.thought_logits(hidden))
-      h = self.lm.embed(token)
-    out["thoughts"] = jnp.stack(thoughts, axis=-1)
-    out["thought_logprob"] = jnp.stack(logprobs, axis=-1)
-    if return_logits:
-      out["thought_logits"] = jnp.stack(thought_logits, axis=2)
+    # 1. Thought tokens, sampled pass by pass; each pass adds one key/value per position.
+    if "forced" in x:
+      thoughts = x["forced"].transpose(0, 2, 1, 3).reshape(n, c, s_n)  # [B, C, P, S] -> [N, C, S]
+    else:
+      rng = jax.random.fold_in(rng, chunk_id)
+      branch, tokens = [], []
+      h = self._vector(self.start_thought, (n, c, d))
+      for s in range(1, s_n + 1):
+        hidden, kv = run(h, index + s, 1, branch)
+        branch.append(kv)
+        logits = mask_thought_ids(_logits(hidden, w_dv, jnp.dtype(cfg.dtype)), ids)
+        tokens.append(sample_thought(jax.random.fold_in(rng, s), logits, greedy))
+        h = self.lm.embed(tokens[-1])
+      thoughts = jnp.stack(tokens, axis=-1)
+    thoughts = checkpoint_name(jax.lax.stop_gradient(thoughts).astype(jnp.int32),
+                               "thought_tokens")
+    out = {"thoughts": thoughts}
 
-    # Talk pass: [end, x_{i+1}, ..., x_{i+A-1}] per position as one causal block.
-    h = self._vector(self.end_thought, (n, c, 1, d))
+    # 2. The branch as one block: start, thoughts, end, then the A-1 true tokens ahead.
+    parts = [self._vector(self.start_thought, (n, c, 1, d)),
+             self.lm.embed(thoughts.reshape(n, -1)).reshape(n, c, s_n, d),
+             self._vector(self.end_thought, (n, c, 1, d))]
     if talk > 1:
-      ahead = rows(x["ahead"])                                          # [N, C, A-1]
-      h = jnp.concatenate([h, self.lm.embed(ahead.reshape(n, -1)).reshape(n, c, talk - 1, d)],
-                          axis=2)
-    talk_pos = rows(x["index"])[:, :, None] + qs.n_ahead - 1 + jnp.arange(talk)
-    talk_hidden, _ = run(h.reshape(n, c * talk, d), talk_pos.reshape(n, c * talk), talk, branch)
-    talk_hidden = talk_hidden.reshape(n, c, talk, d)
+      parts.append(self.lm.embed(rows(x["ahead"]).reshape(n, -1)).reshape(n, c, talk - 1, d))
+    q = s_n + 1 + talk                                                  # = A' - 2 + A
+    positions = index[:, :, None] + 1 + jnp.arange(q)
+    hidden, _ = run(jnp.concatenate(parts, axis=2).reshape(n, c * q, d),
+                    positions.reshape(n, c * q), q, [])
+    hidden = hidden.reshape(n, c, q, d)
+    thought_hidden = hidden[:, :, :s_n]                                 # slot s-1 predicts t_s
+    talk_hidden = hidden[:, :, s_n + 1:]                                # end, x_{i+1}, ...
+    out["thought_logprob"] = thought_logprob(thought_hidden, w_dv, thoughts, ids,
+                                             qs.reinforce_temperature, cfg.dtype)
+    if return_logits:
+      out["thought_logits"] = self.thought_logits(
+          thought_hidden.reshape(n, c * s_n, d)).reshape(n, c, s_n, -1)
 
     # Mixing: the talk state at (i, k) predicts x_{i+k+1}, as does the base state at i + k.
     base_rolled = rows(x["base_rolled"])                                # [N, C, A, D]
@@ -349,24 +365,25 @@ def token_ce(h, w_dv, targets, remat: bool, dtype: str = "float32"):
   return (jax.checkpoint(ce) if remat else ce)(h, w_dv, targets)
 
 
-def sample_thought(h_nld, w_dv, key, forced, ids, temperature, greedy, dtype):
-  """Samples a thought token per position from softmax(logits) at T = 1, start/end excluded.
+def sample_thought(key, logits, greedy):
+  """A thought token per row of `logits` [..., V] (start/end already masked): a draw from
+  softmax(logits) at T = 1, or the argmax. No gradient (no straight-through): only REINFORCE
+  teaches the choice.
 
   Sampling is by inverse CDF, one uniform number per row: exact, and on CPU several times
   cheaper than Gumbel-max, which draws and takes two logarithms of a number per vocabulary entry.
-  Returns (token [N, L] int32, log-probability of it under softmax(logits / temperature)).
-  The token carries no gradient (no straight-through): only REINFORCE teaches the choice.
   """
-  logits = mask_thought_ids(_logits(h_nld, w_dv, jnp.dtype(dtype)), ids)
-  if forced is not None:
-    token = forced
-  elif greedy:
-    token = jnp.argmax(logits, axis=-1)
-  else:
-    token = sample_inverse_cdf(key, jax.lax.stop_gradient(logits))
-  token = jax.lax.stop_gradient(token).astype(jnp.int32)
+  logits = jax.lax.stop_gradient(logits)
+  token = jnp.argmax(logits, axis=-1) if greedy else sample_inverse_cdf(key, logits)
+  return token.astype(jnp.int32)
+
+
+def thought_logprob(h, w_dv, tokens, ids, temperature, dtype):
+  """Log-probability of `tokens` [...] under softmax(logits / temperature), logits = h @ w_dv
+  with start/end masked, in fp32 (with gradient: the REINFORCE score function)."""
+  logits = mask_thought_ids(_logits(h, w_dv, jnp.dtype(dtype)), ids)
   logprob = jax.nn.log_softmax(logits / temperature, axis=-1)
-  return token, jnp.take_along_axis(logprob, token[..., None], axis=-1)[..., 0]
+  return jnp.take_along_axis(logprob, tokens[..., None], axis=-1)[..., 0]
 
 
 def sample_inverse_cdf(key, logits):
