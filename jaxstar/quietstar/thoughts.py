@@ -31,13 +31,11 @@ the per-pass weight gradients alive at once to sum them).
 from __future__ import annotations
 
 import dataclasses
-import functools
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 
 from jaxstar.model import attention
 from jaxstar.model import transformer
@@ -231,12 +229,11 @@ class QuietStarModel(nn.Module):
                              return_logits=return_logits)
       ys = jax.tree.map(lambda y: y[None], ys)
     else:
-      body = functools.partial(
-          _thought_chunk, self._chunk_module(), self.variables["params"], prefix_kv, valid, rng,
-          greedy=greedy, return_logits=return_logits)
-      body = jax.checkpoint(body, policy=jax.checkpoint_policies.save_only_these_names(
-          "thought_tokens"))
-      _, ys = jax.lax.scan(lambda carry, x: (carry, body(x)), None, (chunk_ids, xs))
+      body = _chunk_with_block_grad(self._chunk_module(), greedy, return_logits)
+      params = self.variables["params"]
+      _, ys = jax.lax.scan(
+          lambda carry, x: (carry, body(params, prefix_kv, valid, rng, *x)), None,
+          (chunk_ids, xs))
     out.update(jax.tree.map(from_chunks, ys))
     return out
 
@@ -246,17 +243,21 @@ class QuietStarModel(nn.Module):
     return QuietStarModel(cfg, self.qs, self.start_id, self.end_id, self.init_id, self.pad_id,
                           parent=None)
 
-  def chunk_passes(self, prefix_kv, valid_bs, rng, chunk_id, x, *, greedy, return_logits):
+  def chunk_passes(self, prefix_kv, valid_bs, rng, chunk_id, x, *, greedy, return_logits,
+                   sequential=False):
     """The thoughts and the talk tokens for a chunk of positions (see `__call__`).
 
-    Two steps. First the thought tokens are sampled pass by pass, without gradient, each pass
-    attending to the prefix and to the keys/values of the branch's earlier passes. Then the
-    whole branch, [start, t_1 .. t_S, end, x_{i+1} .. x_{i+A-1}] at RoPE positions i+1 ..
-    i+A'-2+A, runs again as one teacher-forced block, causal within itself. That block pass is
-    the differentiable one: it yields the thought log-probabilities and the talk states, with
-    the same values and gradients as the official pass-by-pass graph (given the tokens), but
-    as one pass of A'-2+A tokens per position: big matmuls, one weight gradient per layer
-    instead of one per pass, and a program whose size does not grow with A'.
+    The thought tokens are sampled pass by pass, without gradient: each pass attends to the
+    prefix and to the keys/values of the branch's earlier passes. The outputs then come either
+
+      - from the block pass (default): the whole branch, [start, t_1 .. t_S, end, x_{i+1} ..
+        x_{i+A-1}] at RoPE positions i+1 .. i+A'-2+A, runs again as one teacher-forced block,
+        causal within itself. Given the tokens it has the official pass-by-pass graph's values
+        and gradients, as one pass of A'-2+A tokens per position: big matmuls, one weight
+        gradient per layer instead of one per pass, and a program that does not grow with A';
+      - or, with `sequential`, from the sampling passes themselves, continued by the last
+        thought pass and the talk pass (no gradient is taken of this form: it is the forward
+        of `_chunk_with_block_grad`, whose backward is the block pass's).
 
     Args:
       prefix_kv: the base pass's (k, v), each [layers, B, S, K, E] with S = L.
@@ -264,70 +265,115 @@ class QuietStarModel(nn.Module):
       rng: the step's sampling key; chunk_id: int32 scalar, this chunk's index.
       x: dict of [B, C, ...] per-position inputs for the C positions of the chunk: index,
         valid, ahead [.., A-1], targets [.., A], base_rolled [.., A, D], optional forced [.., P, S].
+      sequential: take the outputs from the sampling passes (see above).
     Returns:
       dict of [N, C, ...] outputs (the per-position entries of `__call__`'s result).
     """
     qs, cfg = self.qs, self.cfg
     b, c = x["index"].shape
-    p, talk, s_n = qs.n_passes, qs.n_ahead_talk, qs.num_sampled
+    p, s_n = qs.n_passes, qs.num_sampled
     n, d = b * p, cfg.embed_dim
     w_dv = self._head()
     ids = (self.start_id, self.end_id)
-    rows = lambda a: jnp.repeat(a, p, axis=0)                          # [B, ...] -> [N, ...]
+    index = jnp.repeat(x["index"], p, axis=0)                           # [N, C]
+    run = self._runner(prefix_kv, valid_bs, x)
+    forced = (x["forced"].transpose(0, 2, 1, 3).reshape(n, c, s_n)     # [B, C, P, S] -> [N, C, S]
+              if "forced" in x else None)
+    if forced is not None and not sequential:
+      return self.block_outputs(prefix_kv, valid_bs, x, forced, return_logits=return_logits)
+
+    rng = jax.random.fold_in(rng, chunk_id)
+    branch, tokens, thought_h = [], [], []
+    h = self._vector(self.start_thought, (n, c, d))
+    for s in range(1, s_n + 1):
+      hidden, kv = run(h, index + s, 1, branch)
+      branch.append(kv)
+      thought_h.append(hidden)
+      if forced is not None:
+        token = forced[..., s - 1]
+      else:
+        logits = mask_thought_ids(_logits(hidden, w_dv, jnp.dtype(cfg.dtype)), ids)
+        token = sample_thought(jax.random.fold_in(rng, s), logits, greedy)
+      tokens.append(token)
+      h = self.lm.embed(token)
+    thoughts = jax.lax.stop_gradient(jnp.stack(tokens, axis=-1))
+    if not sequential:
+      return self.block_outputs(prefix_kv, valid_bs, x, thoughts, return_logits=return_logits)
+
+    _, kv = run(h, index + s_n + 1, 1, branch)           # t_S: only its keys/values are used
+    branch.append(kv)
+    talk = qs.n_ahead_talk
+    talk_h, _ = run(self._talk_inputs(x).reshape(n, c * talk, d),
+                    self._positions(index, s_n + 2, talk), talk, branch)
+    return self._outputs(x, thoughts, jnp.stack(thought_h, axis=2),
+                         talk_h.reshape(n, c, talk, d), return_logits)
+
+  def block_outputs(self, prefix_kv, valid_bs, x, thoughts, *, return_logits):
+    """`chunk_passes`'s outputs from one teacher-forced block pass over the branch, given the
+    thought tokens [N, C, S]. This is the differentiated form."""
+    qs, cfg = self.qs, self.cfg
+    b, c = x["index"].shape
+    n, d, s_n, talk = b * qs.n_passes, cfg.embed_dim, qs.num_sampled, qs.n_ahead_talk
+    q = s_n + 1 + talk                                                  # = A' - 2 + A
+    start = self._vector(self.start_thought, (n, c, 1, d))
+    tokens = self.lm.embed(thoughts.reshape(n, -1)).reshape(n, c, s_n, d)
+    index = jnp.repeat(x["index"], qs.n_passes, axis=0)
+    hidden, _ = self._runner(prefix_kv, valid_bs, x)(
+        jnp.concatenate([start, tokens, self._talk_inputs(x)], axis=2).reshape(n, c * q, d),
+        self._positions(index, 1, q), q, [])
+    hidden = hidden.reshape(n, c, q, d)
+    # Slot s-1 (start, t_1, ...) predicts t_s; slots S+1 .. are the talk tokens.
+    return self._outputs(x, thoughts, hidden[:, :, :s_n], hidden[:, :, s_n + 1:], return_logits)
+
+  def _runner(self, prefix_kv, valid_bs, x):
+    """run(x [N, C * Q, D], positions, Q, branch): the layers over a chunk's branch tokens."""
     prefix_mask = attention.visible_keys(x["index"], jnp.arange(valid_bs.shape[1]), valid_bs,
-                                         cfg.sliding_window)           # [B, C, S]
-    index = rows(x["index"])
+                                         self.cfg.sliding_window)      # [B, C, S]
 
     def run(x_ncd, positions_nc, block, branch):
-      attend = ThoughtAttend(prefix_mask, x["valid"], passes=p, block=block)
+      attend = ThoughtAttend(prefix_mask, x["valid"], passes=self.qs.n_passes, block=block)
       return self.lm.run_layers(x_ncd, positions_nc, attend, (*prefix_kv, tuple(branch)))
+    return run
 
-    # 1. Thought tokens, sampled pass by pass; each pass adds one key/value per position.
-    if "forced" in x:
-      thoughts = x["forced"].transpose(0, 2, 1, 3).reshape(n, c, s_n)  # [B, C, P, S] -> [N, C, S]
-    else:
-      rng = jax.random.fold_in(rng, chunk_id)
-      branch, tokens = [], []
-      h = self._vector(self.start_thought, (n, c, d))
-      for s in range(1, s_n + 1):
-        hidden, kv = run(h, index + s, 1, branch)
-        branch.append(kv)
-        logits = mask_thought_ids(_logits(hidden, w_dv, jnp.dtype(cfg.dtype)), ids)
-        tokens.append(sample_thought(jax.random.fold_in(rng, s), logits, greedy))
-        h = self.lm.embed(tokens[-1])
-      thoughts = jnp.stack(tokens, axis=-1)
-    thoughts = checkpoint_name(jax.lax.stop_gradient(thoughts).astype(jnp.int32),
-                               "thought_tokens")
-    out = {"thoughts": thoughts}
+  @staticmethod
+  def _positions(index_nc, first, count):
+    """RoPE positions i + first .. i + first + count - 1 per position, [N, C * count]."""
+    pos = index_nc[:, :, None] + first + jnp.arange(count)
+    return pos.reshape(index_nc.shape[0], -1)
 
-    # 2. The branch as one block: start, thoughts, end, then the A-1 true tokens ahead.
-    parts = [self._vector(self.start_thought, (n, c, 1, d)),
-             self.lm.embed(thoughts.reshape(n, -1)).reshape(n, c, s_n, d),
-             self._vector(self.end_thought, (n, c, 1, d))]
-    if talk > 1:
-      parts.append(self.lm.embed(rows(x["ahead"]).reshape(n, -1)).reshape(n, c, talk - 1, d))
-    q = s_n + 1 + talk                                                  # = A' - 2 + A
-    positions = index[:, :, None] + 1 + jnp.arange(q)
-    hidden, _ = run(jnp.concatenate(parts, axis=2).reshape(n, c * q, d),
-                    positions.reshape(n, c * q), q, [])
-    hidden = hidden.reshape(n, c, q, d)
-    thought_hidden = hidden[:, :, :s_n]                                 # slot s-1 predicts t_s
-    talk_hidden = hidden[:, :, s_n + 1:]                                # end, x_{i+1}, ...
-    out["thought_logprob"] = thought_logprob(thought_hidden, w_dv, thoughts, ids,
-                                             qs.reinforce_temperature, cfg.dtype)
-    if return_logits:
-      out["thought_logits"] = self.thought_logits(
-          thought_hidden.reshape(n, c * s_n, d)).reshape(n, c, s_n, -1)
+  def _talk_inputs(self, x):
+    """[end, x_{i+1}, ..., x_{i+A-1}] embedded, [N, C, A, D]."""
+    b, c = x["index"].shape
+    n, d, talk = b * self.qs.n_passes, self.cfg.embed_dim, self.qs.n_ahead_talk
+    h = self._vector(self.end_thought, (n, c, 1, d))
+    if talk == 1:
+      return h
+    ahead = jnp.repeat(x["ahead"], self.qs.n_passes, axis=0).reshape(n, -1)
+    return jnp.concatenate([h, self.lm.embed(ahead).reshape(n, c, talk - 1, d)], axis=2)
 
+  def _outputs(self, x, thoughts, thought_h, talk_h, return_logits):
+    """The per-position outputs from the thought states [N, C, S, D] (state s-1 predicts t_s)
+    and the talk states [N, C, A, D]."""
+    qs, cfg = self.qs, self.cfg
+    n, c, s_n, d = thought_h.shape
+    w_dv = self._head()
+    rows = lambda a: jnp.repeat(a, qs.n_passes, axis=0)                # [B, ...] -> [N, ...]
+    out = {"thoughts": thoughts,
+           "thought_logprob": thought_logprob(thought_h, w_dv, thoughts,
+                                              (self.start_id, self.end_id),
+                                              qs.reinforce_temperature, cfg.dtype)}
     # Mixing: the talk state at (i, k) predicts x_{i+k+1}, as does the base state at i + k.
     base_rolled = rows(x["base_rolled"])                                # [N, C, A, D]
-    w = self.mixing(base_rolled, talk_hidden)                           # [N, C, A, 1]
-    h_mix = mix(base_rolled, talk_hidden, w)
+    w = self.mixing(base_rolled, talk_h)                                # [N, C, A, 1]
+    h_mix = mix(base_rolled, talk_h, w)
     out["talk_ce"] = token_ce(h_mix, w_dv, rows(x["targets"]), qs.remat_logits, cfg.dtype)
     out["mix_weight"] = w[..., 0]
     if return_logits:
-      out["talk_logits"] = self.lm.logits(h_mix.reshape(n, c * talk, d)).reshape(n, c, talk, -1)
-      out["talk_hidden"] = talk_hidden
+      out["thought_logits"] = self.thought_logits(
+          thought_h.reshape(n, c * s_n, d)).reshape(n, c, s_n, -1)
+      out["talk_logits"] = self.lm.logits(h_mix.reshape(n, -1, d)).reshape(n, c, -1,
+                                                                           cfg.vocab_size)
+      out["talk_hidden"] = talk_h
     return out
 
   def thought_logits(self, h_nld):
@@ -335,12 +381,40 @@ class QuietStarModel(nn.Module):
     return mask_thought_ids(self.lm.logits(h_nld), (self.start_id, self.end_id))
 
 
-def _thought_chunk(module: QuietStarModel, params, prefix_kv, valid_bs, rng, chunk, *, greedy,
-                   return_logits):
-  """`module.chunk_passes` as a function of the params (the body of the scan over chunks)."""
-  chunk_id, x = chunk
-  return module.apply({"params": params}, prefix_kv, valid_bs, rng, chunk_id, x, greedy=greedy,
-                      return_logits=return_logits, method=QuietStarModel.chunk_passes)
+def _chunk_with_block_grad(module: QuietStarModel, greedy: bool, return_logits: bool):
+  """f(params, prefix_kv, valid_bs, rng, chunk_id, x) -> `module.chunk_passes` outputs, the body
+  of the scan over chunks: forward by the sampling passes (`sequential`), backward by the
+  block pass, recomputed from the inputs and the sampled tokens. The backward therefore holds
+  one chunk's block activations, and the forward does no work twice."""
+  def apply(params, *args, **kwargs):
+    return module.apply({"params": params}, *args, greedy=greedy, return_logits=return_logits,
+                        **kwargs)
+
+  @jax.custom_vjp
+  def f(params, prefix_kv, valid_bs, rng, chunk_id, x):
+    return apply(params, prefix_kv, valid_bs, rng, chunk_id, x, sequential=True,
+                 method=QuietStarModel.chunk_passes)
+
+  def fwd(params, prefix_kv, valid_bs, rng, chunk_id, x):
+    out = f(params, prefix_kv, valid_bs, rng, chunk_id, x)
+    return out, (params, prefix_kv, valid_bs, x, out["thoughts"])
+
+  def bwd(res, ct):
+    params, prefix_kv, valid_bs, x, thoughts = res
+    float_x = {"base_rolled": x["base_rolled"]}
+
+    def block(params, prefix_kv, float_x):
+      out = module.apply({"params": params}, prefix_kv, valid_bs, {**x, **float_x}, thoughts,
+                         return_logits=return_logits, method=QuietStarModel.block_outputs)
+      del out["thoughts"]
+      return out
+    _, vjp = jax.vjp(block, params, prefix_kv, float_x)
+    d_params, d_prefix_kv, d_float_x = vjp({k: v for k, v in ct.items() if k != "thoughts"})
+    d_x = {k: d_float_x.get(k) for k in x}
+    return d_params, d_prefix_kv, None, None, None, d_x
+
+  f.defvjp(fwd, bwd)
+  return f
 
 
 def mask_thought_ids(logits, ids):
