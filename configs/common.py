@@ -113,8 +113,8 @@ def quietstar_config(**overrides) -> ml_collections.ConfigDict:
       original_mode=False,              # the no-thought baseline (plain next-token CE)
       greedy_eval_thoughts=False,       # argmax thoughts at eval (paper) vs T=1 (code)
       remat_logits=False,               # recompute vocabulary logits in backward (saves memory)
-      chunk_positions=32,               # positions per recomputed scan step (0: one plain pass)
-      chunk_remat="dots_no_batch",      # layer remat inside a chunk (chunks are recomputed)
+      chunk_positions=32,               # positions per scan step (0: one pass, not recomputed)
+      chunk_remat="dots_no_batch",      # layer remat inside a chunk's (recomputed) block pass
   ))
   cfg.update(overrides)
   return cfg

@@ -28,12 +28,13 @@ class QuietStarConfig:
   greedy_eval_thoughts: bool = False  # eval thoughts by argmax (paper) instead of T=1 (code)
   remat_logits: bool = False        # recompute [.., V] logits in the backward pass instead of
                                     # keeping their softmax (memory vs. one more lm_head matmul)
-  # The thought and talk passes run as a scan over chunks of positions, each chunk recomputed in
-  # the backward pass: the live activations are one chunk's (linear in n_ahead), not all of them.
-  # chunk_positions=0 runs all positions in one pass that is not recomputed as a whole (its
-  # layers follow the model's remat_policy): faster for small models, with memory for all.
+  # The thought and talk passes run as a scan over chunks of positions; the backward pass
+  # recomputes each chunk as one teacher-forced block, so the live activations are one chunk's
+  # (linear in n_ahead), not all of them. chunk_positions=0 samples all positions at once and
+  # differentiates their block pass directly, without recomputing it (its layers follow the
+  # model's remat_policy): for small models, with memory for all positions.
   chunk_positions: int = 32         # positions per chunk, or 0
-  chunk_remat: str = "dots_no_batch"  # layer remat policy inside a chunk
+  chunk_remat: str = "dots_no_batch"  # layer remat policy inside a chunk's block pass
 
   def __post_init__(self):
     if self.original_mode:

@@ -19,14 +19,16 @@ padded position's branch sees only the real prefix (its diagonal entries are mas
 official code.
 
 The thought and talk passes of different positions share nothing but the base pass, so they run
-C = `chunk_positions` positions at a time, in a scan over chunks whose body is recomputed in the
-backward pass: the backward holds one chunk's activations, not all positions'. Within a chunk
-the thought tokens are first sampled pass by pass without gradient (every pass keeps only its
-new keys/values, one [layers, N, C, K, E] pair per pass); then the whole branch, thoughts and
-talk tokens, runs once more as one teacher-forced block with an intra-block causal mask, and
-only that block pass is differentiated. Its activations grow linearly with the thought length,
-and every weight gets one gradient per chunk instead of one per pass (XLA otherwise keeps all
-the per-pass weight gradients alive at once to sum them).
+C = `chunk_positions` positions at a time, in a scan over chunks. The forward pass of a chunk
+runs the passes above in order, without gradient (every pass keeps only its new keys/values, one
+[layers, N, C, K, E] pair per pass). Its backward pass (`_chunk_with_block_grad`) recomputes the
+chunk from its inputs and the sampled tokens as one teacher-forced block per position,
+[start, t_1 .. t_S, end, x_{i+1} ..] causal within itself: given the tokens, the same function
+of the parameters, so the same gradients. The backward therefore holds one chunk's block
+activations (linear in the thought length), its matmuls are big, and every weight gets one
+gradient per chunk instead of one per pass (XLA keeps all per-pass weight gradients alive at once
+to sum them). With `chunk_positions=0` all positions are sampled at once and the block pass is
+differentiated directly.
 """
 from __future__ import annotations
 
