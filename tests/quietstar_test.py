@@ -100,7 +100,7 @@ def _naive(model, params, tokens, mask, thoughts_nls):
   return base_logits, base_hidden, thought_logits, talk_hidden
 
 
-@pytest.mark.parametrize("chunk", [0, 3])  # the block pass differentiated directly; custom_vjp
+@pytest.mark.parametrize("chunk", [0, 3])  # passes differentiated as they are; block backward
 def test_gradients_match_naive_reference(chunk):
   """The gradients of the thought logits and talk states, through the parallel passes, equal
   those through the naive per-position texts (forced thoughts, padding present, P = 2)."""

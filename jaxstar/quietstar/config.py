@@ -30,9 +30,10 @@ class QuietStarConfig:
                                     # keeping their softmax (memory vs. one more lm_head matmul)
   # The thought and talk passes run as a scan over chunks of positions; the backward pass
   # recomputes each chunk as one teacher-forced block, so the live activations are one chunk's
-  # (linear in n_ahead), not all of them. chunk_positions=0 samples all positions at once and
-  # differentiates their block pass directly, without recomputing it (its layers follow the
-  # model's remat_policy): for small models, with memory for all positions.
+  # (linear in n_ahead), not all of them. chunk_positions=0 runs all positions at once and
+  # differentiates the thought and talk passes as they are, nothing recomputed (layers follow
+  # the model's remat_policy): the least work, for small models, with memory for all positions
+  # and one weight gradient per pass.
   chunk_positions: int = 32         # positions per chunk, or 0
   chunk_remat: str = "dots_no_batch"  # layer remat policy inside a chunk's block pass
 

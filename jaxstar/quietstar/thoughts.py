@@ -27,8 +27,8 @@ chunk from its inputs and the sampled tokens as one teacher-forced block per pos
 of the parameters, so the same gradients. The backward therefore holds one chunk's block
 activations (linear in the thought length), its matmuls are big, and every weight gets one
 gradient per chunk instead of one per pass (XLA keeps all per-pass weight gradients alive at once
-to sum them). With `chunk_positions=0` all positions are sampled at once and the block pass is
-differentiated directly.
+to sum them). With `chunk_positions=0` all positions run at once and the passes above are
+differentiated as they are, nothing recomputed: the least work, for small models.
 """
 from __future__ import annotations
 
@@ -225,7 +225,7 @@ class QuietStarModel(nn.Module):
 
     xs = jax.tree.map(to_chunks, per_position)
     chunk_ids = jnp.arange(num_chunks, dtype=jnp.int32)
-    if not qs.chunk_positions:  # one pass over all positions, layers remat'd as the model's
+    if not qs.chunk_positions:  # all positions at once, each pass differentiated on its own
       ys = self.chunk_passes(prefix_kv, valid, rng, chunk_ids[0],
                              jax.tree.map(lambda x: x[0], xs), greedy=greedy,
                              return_logits=return_logits)
@@ -245,21 +245,14 @@ class QuietStarModel(nn.Module):
     return QuietStarModel(cfg, self.qs, self.start_id, self.end_id, self.init_id, self.pad_id,
                           parent=None)
 
-  def chunk_passes(self, prefix_kv, valid_bs, rng, chunk_id, x, *, greedy, return_logits,
-                   sequential=False):
-    """The thoughts and the talk tokens for a chunk of positions (see `__call__`).
+  def chunk_passes(self, prefix_kv, valid_bs, rng, chunk_id, x, *, greedy, return_logits):
+    """The thought passes and the talk pass for a chunk of positions (see `__call__`).
 
-    The thought tokens are sampled pass by pass, without gradient: each pass attends to the
-    prefix and to the keys/values of the branch's earlier passes. The outputs then come either
-
-      - from the block pass (default): the whole branch, [start, t_1 .. t_S, end, x_{i+1} ..
-        x_{i+A-1}] at RoPE positions i+1 .. i+A'-2+A, runs again as one teacher-forced block,
-        causal within itself. Given the tokens it has the official pass-by-pass graph's values
-        and gradients, as one pass of A'-2+A tokens per position: big matmuls, one weight
-        gradient per layer instead of one per pass, and a program that does not grow with A';
-      - or, with `sequential`, from the sampling passes themselves, continued by the last
-        thought pass and the talk pass (no gradient is taken of this form: it is the forward
-        of `_chunk_with_block_grad`, whose backward is the block pass's).
+    Pass by pass, as the official graph: the thought tokens are sampled without gradient, each
+    pass attending to the prefix and to the keys/values of the branch's earlier passes; then the
+    last thought pass and the talk pass. With `chunk_positions=0` this is differentiated as it
+    is; with chunks it is the forward of `_chunk_with_block_grad`, whose backward is the
+    `block_outputs` pass's.
 
     Args:
       prefix_kv: the base pass's (k, v), each [layers, B, S, K, E] with S = L.
@@ -267,7 +260,6 @@ class QuietStarModel(nn.Module):
       rng: the step's sampling key; chunk_id: int32 scalar, this chunk's index.
       x: dict of [B, C, ...] per-position inputs for the C positions of the chunk: index,
         valid, ahead [.., A-1], targets [.., A], base_rolled [.., A, D], optional forced [.., P, S].
-      sequential: take the outputs from the sampling passes (see above).
     Returns:
       dict of [N, C, ...] outputs (the per-position entries of `__call__`'s result).
     """
@@ -281,8 +273,6 @@ class QuietStarModel(nn.Module):
     run = self._runner(prefix_kv, valid_bs, x)
     forced = (x["forced"].transpose(0, 2, 1, 3).reshape(n, c, s_n)     # [B, C, P, S] -> [N, C, S]
               if "forced" in x else None)
-    if forced is not None and not sequential:
-      return self.block_outputs(prefix_kv, valid_bs, x, forced, return_logits=return_logits)
 
     rng = jax.random.fold_in(rng, chunk_id)
     branch, tokens, thought_h = [], [], []
@@ -299,8 +289,6 @@ class QuietStarModel(nn.Module):
       tokens.append(token)
       h = self.lm.embed(token)
     thoughts = jax.lax.stop_gradient(jnp.stack(tokens, axis=-1))
-    if not sequential:
-      return self.block_outputs(prefix_kv, valid_bs, x, thoughts, return_logits=return_logits)
 
     _, kv = run(h, index + s_n + 1, 1, branch)           # t_S: only its keys/values are used
     branch.append(kv)
@@ -312,7 +300,10 @@ class QuietStarModel(nn.Module):
 
   def block_outputs(self, prefix_kv, valid_bs, x, thoughts, *, return_logits):
     """`chunk_passes`'s outputs from one teacher-forced block pass over the branch, given the
-    thought tokens [N, C, S]. This is the differentiated form."""
+    thought tokens [N, C, S]: [start, t_1 .. t_S, end, x_{i+1} .. x_{i+A-1}] at RoPE positions
+    i+1 .. i+A'-2+A, causal within the block. Given the tokens, the same function of the
+    parameters as `chunk_passes`, as one pass of A'-2+A tokens per position: big matmuls and one
+    weight gradient per chunk instead of one per pass. The backward of the chunked form."""
     qs, cfg = self.qs, self.cfg
     b, c = x["index"].shape
     n, d, s_n, talk = b * qs.n_passes, cfg.embed_dim, qs.num_sampled, qs.n_ahead_talk
@@ -385,16 +376,16 @@ class QuietStarModel(nn.Module):
 
 def _chunk_with_block_grad(module: QuietStarModel, greedy: bool, return_logits: bool):
   """f(params, prefix_kv, valid_bs, rng, chunk_id, x) -> `module.chunk_passes` outputs, the body
-  of the scan over chunks: forward by the sampling passes (`sequential`), backward by the
-  block pass, recomputed from the inputs and the sampled tokens. The backward therefore holds
-  one chunk's block activations, and the forward does no work twice."""
+  of the scan over chunks: forward pass by pass (`chunk_passes`), backward by the block pass
+  (`block_outputs`), recomputed from the inputs and the sampled tokens. The backward therefore
+  holds one chunk's block activations, and the forward does no work twice."""
   def apply(params, *args, **kwargs):
     return module.apply({"params": params}, *args, greedy=greedy, return_logits=return_logits,
                         **kwargs)
 
   @jax.custom_vjp
   def f(params, prefix_kv, valid_bs, rng, chunk_id, x):
-    return apply(params, prefix_kv, valid_bs, rng, chunk_id, x, sequential=True,
+    return apply(params, prefix_kv, valid_bs, rng, chunk_id, x,
                  method=QuietStarModel.chunk_passes)
 
   def fwd(params, prefix_kv, valid_bs, rng, chunk_id, x):
