@@ -275,18 +275,17 @@ class QuietStarModel(nn.Module):
               if "forced" in x else None)
 
     rng = jax.random.fold_in(rng, chunk_id)
-    branch, tokens, thought_h = [], [], []
+    branch, tokens, logprobs, thought_h = [], [], [], []
     h = self._vector(self.start_thought, (n, c, d))
     for s in range(1, s_n + 1):
       hidden, kv = run(h, index + s, 1, branch)
       branch.append(kv)
       thought_h.append(hidden)
-      if forced is not None:
-        token = forced[..., s - 1]
-      else:
-        logits = mask_thought_ids(_logits(hidden, w_dv, jnp.dtype(cfg.dtype)), ids)
-        token = sample_thought(jax.random.fold_in(rng, s), logits, greedy)
+      logits = mask_thought_ids(_logits(hidden, w_dv, jnp.dtype(cfg.dtype)), ids)
+      token = (forced[..., s - 1] if forced is not None
+               else sample_thought(jax.random.fold_in(rng, s), logits, greedy))
       tokens.append(token)
+      logprobs.append(thought_logprob(logits, token, qs.reinforce_temperature))
       h = self.lm.embed(token)
     thoughts = jax.lax.stop_gradient(jnp.stack(tokens, axis=-1))
 
@@ -295,7 +294,7 @@ class QuietStarModel(nn.Module):
     talk = qs.n_ahead_talk
     talk_h, _ = run(self._talk_inputs(x).reshape(n, c * talk, d),
                     self._positions(index, s_n + 2, talk), talk, branch)
-    return self._outputs(x, thoughts, jnp.stack(thought_h, axis=2),
+    return self._outputs(x, thoughts, jnp.stack(logprobs, axis=-1), jnp.stack(thought_h, axis=2),
                          talk_h.reshape(n, c, talk, d), return_logits)
 
   def block_outputs(self, prefix_kv, valid_bs, x, thoughts, *, return_logits):
@@ -316,7 +315,11 @@ class QuietStarModel(nn.Module):
         self._positions(index, 1, q), q, [])
     hidden = hidden.reshape(n, c, q, d)
     # Slot s-1 (start, t_1, ...) predicts t_s; slots S+1 .. are the talk tokens.
-    return self._outputs(x, thoughts, hidden[:, :, :s_n], hidden[:, :, s_n + 1:], return_logits)
+    thought_h = hidden[:, :, :s_n]
+    logits = mask_thought_ids(_logits(thought_h, self._head(), jnp.dtype(cfg.dtype)),
+                              (self.start_id, self.end_id))
+    logprob = thought_logprob(logits, thoughts, qs.reinforce_temperature)
+    return self._outputs(x, thoughts, logprob, thought_h, hidden[:, :, s_n + 1:], return_logits)
 
   def _runner(self, prefix_kv, valid_bs, x):
     """run(x [N, C * Q, D], positions, Q, branch): the layers over a chunk's branch tokens."""
@@ -344,17 +347,14 @@ class QuietStarModel(nn.Module):
     ahead = jnp.repeat(x["ahead"], self.qs.n_passes, axis=0).reshape(n, -1)
     return jnp.concatenate([h, self.lm.embed(ahead).reshape(n, c, talk - 1, d)], axis=2)
 
-  def _outputs(self, x, thoughts, thought_h, talk_h, return_logits):
-    """The per-position outputs from the thought states [N, C, S, D] (state s-1 predicts t_s)
-    and the talk states [N, C, A, D]."""
+  def _outputs(self, x, thoughts, logprob, thought_h, talk_h, return_logits):
+    """The per-position outputs from the thoughts' log-probabilities [N, C, S], the thought
+    states [N, C, S, D] (state s-1 predicts t_s) and the talk states [N, C, A, D]."""
     qs, cfg = self.qs, self.cfg
     n, c, s_n, d = thought_h.shape
     w_dv = self._head()
     rows = lambda a: jnp.repeat(a, qs.n_passes, axis=0)                # [B, ...] -> [N, ...]
-    out = {"thoughts": thoughts,
-           "thought_logprob": thought_logprob(thought_h, w_dv, thoughts,
-                                              (self.start_id, self.end_id),
-                                              qs.reinforce_temperature, cfg.dtype)}
+    out = {"thoughts": thoughts, "thought_logprob": logprob}
     # Mixing: the talk state at (i, k) predicts x_{i+k+1}, as does the base state at i + k.
     base_rolled = rows(x["base_rolled"])                                # [N, C, A, D]
     w = self.mixing(base_rolled, talk_h)                                # [N, C, A, 1]
@@ -445,10 +445,9 @@ def sample_thought(key, logits, greedy):
   return token.astype(jnp.int32)
 
 
-def thought_logprob(h, w_dv, tokens, ids, temperature, dtype):
-  """Log-probability of `tokens` [...] under softmax(logits / temperature), logits = h @ w_dv
-  with start/end masked, in fp32 (with gradient: the REINFORCE score function)."""
-  logits = mask_thought_ids(_logits(h, w_dv, jnp.dtype(dtype)), ids)
+def thought_logprob(logits, tokens, temperature):
+  """Log-probability of `tokens` [...] under softmax(logits / temperature), logits [..., V] fp32
+  with start/end masked (with gradient: the REINFORCE score function)."""
   logprob = jax.nn.log_softmax(logits / temperature, axis=-1)
   return jnp.take_along_axis(logprob, tokens[..., None], axis=-1)[..., 0]
 
