@@ -199,10 +199,10 @@ def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
 
 
 def next_token_loss(logits_blv, tokens_bl, mask_bl):
-  """Mean next-token cross-entropy over real targets, in fp32. Returns (loss, n_targets)."""
-  logits = logits_blv[:, :-1].astype(jnp.float32)
+  """Mean next-token cross-entropy over real targets, in fp32 (or wider). Returns (loss, n)."""
+  logits = logits_blv[:, :-1]
   targets = tokens_bl[:, 1:]
-  weights = (mask_bl[:, 1:] * mask_bl[:, :-1]).astype(jnp.float32)
+  weights = (mask_bl[:, 1:] * mask_bl[:, :-1]).astype(logits.dtype)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   n = jnp.maximum(weights.sum(), 1.0)

@@ -18,6 +18,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxstar.model.layers import upcast
+
 # Finite "minus infinity": a fully masked row then gives a uniform softmax instead of NaNs.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -42,12 +44,12 @@ def visible_keys(q_idx, k_idx, k_valid=None, sliding_window: int | None = None):
 
 
 def attention_scores(q_blhe, k_bske):
-  """Scaled dot products in fp32, [B, K, G, L, S]."""
+  """Scaled dot products in fp32 (or wider), [B, K, G, L, S]."""
   b, l, h, e = q_blhe.shape
   kv_heads = k_bske.shape[2]
   q_blkge = q_blhe.reshape(b, l, kv_heads, h // kv_heads, e)
   scores = jnp.einsum("blkge,bske->bkgls", q_blkge, k_bske,
-                      preferred_element_type=jnp.float32)
+                      preferred_element_type=upcast(q_blhe.dtype))
   return scores * (e ** -0.5)
 
 

@@ -9,7 +9,7 @@ import dataclasses
 from typing import Any
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch")
-DTYPES = ("float32", "bfloat16", "float16")
+DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: equivalence tests (x64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,8 @@ class ModelConfig:
   sliding_window: int | None = None  # attend to at most this many keys back (query included)
   max_len: int = 32768         # max_position_embeddings, exported to HF configs
   tie_embeddings: bool = False  # share the embedding with the lm_head (small models only)
-  dtype: str = "float32"       # matmul/activation dtype; softmax and losses always run in fp32
+  dtype: str = "float32"       # matmul/activation dtype; softmax, norms and losses run in at
+                               # least fp32 (`layers.upcast`)
   param_dtype: str = "float32"  # master weights
   remat_policy: str = "none"   # per-layer rematerialization: none | full | dots | dots_no_batch
 

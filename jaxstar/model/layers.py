@@ -21,6 +21,15 @@ def dense_init(names: tuple[str, ...]) -> Callable:
   return nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), names)
 
 
+def upcast(dtype) -> jnp.dtype:
+  """The dtype of softmax, norms, RoPE and losses: fp32, or the compute dtype when wider.
+
+  bf16 models keep their numerically touchy parts in fp32; a float64 model (equivalence tests
+  under `jax.experimental.enable_x64`) stays float64 throughout.
+  """
+  return jnp.promote_types(dtype, jnp.float32)
+
+
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """Pins an activation's sharding by logical names (a no-op outside a mesh and rules)."""
   return nn.with_logical_constraint(x, names)
@@ -36,20 +45,21 @@ class RMSNorm(nn.Module):
   def __call__(self, x):
     scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
                        (x.shape[-1],), self.param_dtype)
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(upcast(self.dtype))
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     # As Hugging Face: cast back to the activation dtype, then scale.
     return (scale.astype(self.dtype) * normed.astype(self.dtype)).astype(self.dtype)
 
 
 def apply_rope(x_blhe, positions_bl, theta: float):
-  """Rotary embedding in the Hugging Face rotate-half convention, computed in fp32."""
+  """Rotary embedding in the Hugging Face rotate-half convention, computed in fp32 (or wider)."""
   e = x_blhe.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e))
-  angles = positions_bl.astype(jnp.float32)[..., None] * inv_freq  # [B, L, E/2]
+  f32 = upcast(x_blhe.dtype)
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, e, 2, dtype=f32) / e))
+  angles = positions_bl.astype(f32)[..., None] * inv_freq  # [B, L, E/2]
   cos = jnp.cos(angles)[:, :, None, :]
   sin = jnp.sin(angles)[:, :, None, :]
-  x = x_blhe.astype(jnp.float32)
+  x = x_blhe.astype(f32)
   x1, x2 = x[..., : e // 2], x[..., e // 2:]
   rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
   return rotated.astype(x_blhe.dtype)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxstar.model import attention
 from jaxstar.model.config import ModelConfig
-from jaxstar.model.layers import Block, RMSNorm, constrain, dense_init
+from jaxstar.model.layers import Block, RMSNorm, constrain, dense_init, upcast
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -109,11 +109,11 @@ class Transformer(nn.Module):
     return self.final_norm(x_bld), layer_out
 
   def logits(self, h_bld):
-    """Next-token logits [B, L, V] in fp32."""
+    """Next-token logits [B, L, V] in fp32 (or wider)."""
     dtype = jnp.dtype(self.cfg.dtype)
     w_dv = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
     out = jnp.einsum("bld,dv->blv", h_bld.astype(dtype), w_dv.astype(dtype),
-                     preferred_element_type=jnp.float32)
+                     preferred_element_type=upcast(dtype))
     return constrain(out, ("act_batch", "act_len", "act_vocab"))
 
   def __call__(self, tokens_bl, input_mask_bl=None, positions_bl=None, return_hidden=False):

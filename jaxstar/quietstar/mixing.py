@@ -13,6 +13,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from jaxstar.model.layers import upcast
+
 INIT_STD = 0.02  # as the official code's HF _init_weights
 
 
@@ -34,9 +36,9 @@ class MixingHead(nn.Module):
     x = nn.relu(dense(d, ("embed", "mlp"), "in_proj")(x))
     x = nn.relu(dense(d, ("mlp", "embed"), "hidden_proj")(x))
     w = dense(1, ("embed", None), "out_proj", bias=False, init=nn.initializers.zeros)(x)
-    return w.astype(jnp.float32)
+    return w.astype(upcast(self.dtype))
 
 
 def mix(h_base, h_thought, w):
-  """h_mix = (1 - w) * h_base + w * h_thought, in fp32."""
-  return (1.0 - w) * h_base.astype(jnp.float32) + w * h_thought.astype(jnp.float32)
+  """h_mix = (1 - w) * h_base + w * h_thought, in w's dtype (fp32 or wider)."""
+  return (1.0 - w) * h_base.astype(w.dtype) + w * h_thought.astype(w.dtype)

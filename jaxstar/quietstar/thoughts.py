@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jaxstar.model import attention
 from jaxstar.model import transformer
 from jaxstar.model.config import ModelConfig
+from jaxstar.model.layers import upcast
 from jaxstar.quietstar.config import QuietStarConfig
 from jaxstar.quietstar.mixing import MixingHead, mix
 
@@ -75,7 +76,7 @@ class ThoughtAttend:
     p, qn = self.passes, self.block
     h = q.shape[2]
     g = h // kv_heads
-    f32 = jnp.float32
+    f32 = upcast(q.dtype)
     # The Q block queries and the G grouped heads of a position share every prefix and branch
     # key, so they ride on one axis X = Q * G ('bpikxe'); only the block part tells them apart.
     qx = q.reshape(b, p, l, qn, kv_heads, g, e).transpose(0, 1, 2, 4, 3, 5, 6)
@@ -417,7 +418,7 @@ def mask_thought_ids(logits, ids):
 
 def _logits(h, w_dv, dtype):
   return jnp.einsum("...d,dv->...v", h.astype(dtype), w_dv.astype(dtype),
-                    preferred_element_type=jnp.float32)
+                    preferred_element_type=upcast(dtype))
 
 
 def token_ce(h, w_dv, targets, remat: bool, dtype: str = "float32"):
