@@ -35,6 +35,7 @@ EXTRAS_REQUIRE = {
     ],
     "torch": ["torch==2.13.0", "transformers", "safetensors"],
     "colab": ["ipykernel", "nbclient", "matplotlib"],
+    "hf": ["datasets"],
 }
 
 setuptools.setup(
@@ -42,6 +43,7 @@ setuptools.setup(
     version="0.1.0",
     description="STaR and Quiet-STaR (self-taught reasoning) in JAX/Flax",
     packages=setuptools.find_packages(include=["jaxstar", "jaxstar.*"]),
+    package_data={"jaxstar.data": ["prompts/*/*.txt", "prompts/*.md"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS_REQUIRE,

@@ -1,8 +1,13 @@
-"""Tests of jaxstar.data: LM pipelines (grain) and the STaR tasks, with the byte tokenizer."""
+"""Tests of jaxstar.data: LM pipelines (grain) and the STaR tasks, with the byte tokenizer.
+
+Task data comes from the small fixtures in tests/testdata (the first rows of each split; see its
+PROVENANCE.md) and the prompt files packaged with jaxstar, so the tests need no download.
+"""
 import json
-import os
 import pathlib
+import re
 import sys
+import types
 
 import jax
 import ml_collections
@@ -10,12 +15,15 @@ import numpy as np
 import pytest
 
 from jaxstar import data
+from jaxstar import errors
 from jaxstar import tokenizer as tokenizer_lib
 from jaxstar.data import tasks
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[2] / 'shared' / 'data'
-CSQA_DEV = SHARED_DATA / 'commonsenseqa' / 'dev.jsonl'
-GSM_TEST = SHARED_DATA / 'gsm8k' / 'test.jsonl'
+TESTDATA = pathlib.Path(__file__).resolve().parent / 'testdata'
+CSQA_TRAIN = TESTDATA / 'commonsenseqa_train.jsonl'  # First 30 rows of the train split.
+CSQA_DEV = TESTDATA / 'commonsenseqa_dev.jsonl'  # First 20 rows of the dev split.
+GSM_TRAIN = TESTDATA / 'gsm8k_train.jsonl'  # First 30 rows of the train split.
+GSM_TEST = TESTDATA / 'gsm8k_test.jsonl'  # First 20 rows of the test split.
 
 
 @pytest.fixture(scope='module')
@@ -106,14 +114,31 @@ def test_pack_rows_and_segment_ids(tok):
     data.pack_rows([tok.encode('a', bos=True)], 64, tok.eos_id)
 
 
-def test_pack_pipeline(tok):
-  p = data.lm_dataset(_docs(20), tok, seq_len=32, global_batch_size=4, mode='pack',
-                      segment_ids=True, num_epochs=1)
+def test_pack_pipeline_always_has_segment_ids(tok):
+  docs = _docs(20)
+  p = data.lm_dataset(docs, tok, seq_len=32, global_batch_size=4, mode='pack', num_epochs=1)
   b = p.dataset[0]
   assert set(b) == {'tokens', 'mask', 'segment_ids'}
   assert b['tokens'].shape == b['mask'].shape == b['segment_ids'].shape == (4, 32)
+  assert b['segment_ids'].dtype == np.int32
   assert (b['mask'] == 1).all()
   assert len(p.dataset) == p.rows_per_epoch // 4
+  # Each shuffled row keeps the segment ids `pack_rows` gave it.
+  tokens, segs = data.pack_rows([tok.encode(d, bos=True) for d in docs], 32, tok.eos_id)
+  expected = {tuple(t): tuple(s) for t, s in zip(tokens.tolist(), segs.tolist())}
+  assert len(expected) == len(tokens)  # Rows are distinct, so the lookup is unambiguous.
+  for batch in p.dataset:
+    for t, s in zip(batch['tokens'].tolist(), batch['segment_ids'].tolist()):
+      assert expected[tuple(t)] == tuple(s)
+  # crop_pad rows are one document each: no segment ids. The option to drop them is gone.
+  crop = data.lm_dataset(docs, tok, seq_len=32, global_batch_size=4, num_epochs=1)
+  assert set(crop.dataset[0]) == {'tokens', 'mask'}
+  with pytest.raises(TypeError):
+    data.lm_dataset(docs, tok, seq_len=32, global_batch_size=4, mode='pack',
+                    segment_ids=True)  # pylint: disable=unexpected-keyword-arg
+  from_cfg = data.lm_dataset_from_config(
+      dict(source='synthetic', synthetic_docs=20, mode='pack', seq_len=32), tok, 4)
+  assert set(from_cfg.dataset[0]) == {'tokens', 'mask', 'segment_ids'}
 
 
 # ---------------------------------------------------------------- shuffle, epochs, sharding
@@ -181,12 +206,17 @@ def test_make_global_batch(tok):
 
 
 def test_bad_pipeline_arguments(tok):
-  with pytest.raises(ValueError, match='not divisible'):
+  with pytest.raises(errors.UserError, match='not divisible'):
     data.lm_dataset(_docs(8), tok, seq_len=8, global_batch_size=6, process_count=4)
-  with pytest.raises(ValueError, match='mode'):
+  with pytest.raises(errors.UserError, match=r"mode 'bogus' \(data\.mode\); valid: crop_pad, pack"):
     data.lm_dataset(_docs(8), tok, seq_len=8, global_batch_size=4, mode='bogus')
-  with pytest.raises(ValueError, match='source'):
+  with pytest.raises(errors.UserError,
+                     match=r"source 'bogus' \(data\.source\); valid: synthetic, jsonl, hf"):
     data.lm_dataset_from_config(dict(source='bogus'), tok, 4)
+  with pytest.raises(errors.UserError, match='needs data.paths'):
+    data.lm_dataset_from_config(dict(source='jsonl'), tok, 4)
+  with pytest.raises(errors.UserError, match='no documents'):
+    data.lm_dataset([], tok, seq_len=8, global_batch_size=4)
 
 
 # ------------------------------------------------------------------------- config sources
@@ -214,7 +244,7 @@ def _write_jsonl(path, lines):
 def test_jsonl_source_malformed_rows(tok, tmp_path):
   good = [json.dumps({'text': f'document number {i}'}) for i in range(6)]
   bad_json = _write_jsonl(tmp_path / 'a.jsonl', good[:2] + ['{"text": oops'] + good[2:])
-  with pytest.raises(ValueError, match=r'a\.jsonl:3: malformed row'):
+  with pytest.raises(errors.UserError, match=r'a\.jsonl:3: malformed row'):
     data.jsonl_docs(bad_json)
   missing = _write_jsonl(tmp_path / 'b.jsonl', good[:4] + ['{"body": "x"}'])
   with pytest.raises(ValueError, match=r"b\.jsonl:5: .*missing field 'text'"):
@@ -237,8 +267,62 @@ def test_jsonl_source_malformed_rows(tok, tmp_path):
 
 def test_hf_source_without_datasets_package(tok, monkeypatch):
   monkeypatch.setitem(sys.modules, 'datasets', None)  # Make `import datasets` fail.
-  with pytest.raises(ImportError, match='pip install datasets'):
+  with pytest.raises(ImportError, match=r'pip install -e \.\[hf\]'):
     data.lm_dataset_from_config(dict(source='hf', paths='some/dataset'), tok, 4)
+
+
+def test_empty_inputs_name_the_files_and_config_fields(tok, tmp_path, monkeypatch):
+  empty = tmp_path / 'empty.jsonl'
+  empty.write_text('\n  \n')  # Blank lines only.
+  with pytest.raises(errors.UserError, match=re.escape(
+      f'{empty}: empty: no rows (config field data.paths)')):
+    data.lm_dataset_from_config(dict(source='jsonl', paths=str(empty)), tok, 4)
+  bad = _write_jsonl(tmp_path / 'bad.jsonl', ['{"body": 1}', 'not json'])
+  with pytest.raises(errors.UserError,
+                     match=rf'{re.escape(bad)}: all 2 rows are malformed .*data\.paths'):
+    data.lm_dataset_from_config(dict(source='jsonl', paths=bad, skip_malformed=True), tok, 4)
+  with pytest.raises(FileNotFoundError, match=r"nowhere\.jsonl.*data\.paths"):
+    data.lm_dataset_from_config(dict(source='jsonl', paths=str(tmp_path / 'nowhere.jsonl')),
+                                tok, 4)
+  two = _write_jsonl(tmp_path / 'two.jsonl', ['{"text": "a"}', '{"text": "b"}'])
+  with pytest.raises(errors.UserError,
+                     match=r'skip_docs=2 leaves no document of the 2 documents of .*two\.jsonl'):
+    data.lm_dataset_from_config(dict(source='jsonl', paths=two, skip_docs=2), tok, 4)
+  with pytest.raises(errors.UserError, match=r'skip_docs=5 .* 5 synthetic .*synthetic_docs'):
+    data.lm_dataset_from_config(dict(source='synthetic', synthetic_docs=5, skip_docs=5), tok, 4)
+  with pytest.raises(errors.UserError, match=r'data\.synthetic_docs must be >= 1'):
+    data.lm_dataset_from_config(dict(source='synthetic', synthetic_docs=0), tok, 4)
+  monkeypatch.setitem(sys.modules, 'datasets', _fake_datasets({('some/corpus', None): []}))
+  for max_docs in (0, 3):  # Read by index, and streamed.
+    with pytest.raises(errors.UserError, match=r'some/corpus\[train\]: no rows'):
+      data.lm_dataset_from_config(dict(source='hf', paths='some/corpus', max_docs=max_docs),
+                                  tok, 4)
+
+
+class _FakeDataset(list):
+  """The little of a `datasets.Dataset` (and its streaming form) that jaxstar.data uses."""
+
+  @property
+  def column_names(self):
+    return list(self[0]) if self else []
+
+  def skip(self, n):
+    return _FakeDataset(self[n:])
+
+  def take(self, n):
+    return _FakeDataset(self[:n])
+
+
+def _fake_datasets(tables):
+  """A stand-in `datasets` module: `load_dataset` serves `tables[(name, config)]`, any split."""
+  module = types.ModuleType('datasets')
+  module.calls = []
+  def load_dataset(name, config=None, *, split, streaming=False):
+    module.calls.append((name, config, split))
+    del streaming
+    return _FakeDataset(tables[name, config])
+  module.load_dataset = load_dataset
+  return module
 
 
 # ----------------------------------------------------------------------------------- tasks
@@ -246,7 +330,10 @@ def test_hf_source_without_datasets_package(tok, monkeypatch):
 
 def test_csqa_loader_and_query_format():
   dev = tasks.load_csqa(str(CSQA_DEV))
-  assert len(dev) == 1221 and dev.num_skipped == 0
+  assert len(dev) == 20 and dev.num_skipped == 0  # Every row of the fixture.
+  train = tasks.load_csqa(str(CSQA_TRAIN))
+  assert len(train) == 30 and train.num_skipped == 0
+  assert all(len(ex.choices) == 5 and ex.answer in 'ABCDE' for ex in [*dev, *train])
   ex = dev[0]
   assert ex.answer == 'A' and ex.choices[0] == ('A', 'bank') and len(ex.choices) == 5
   q = tasks.format_csqa_query(ex)
@@ -256,9 +343,8 @@ def test_csqa_loader_and_query_format():
 
 
 def test_csqa_query_matches_the_prompt_files():
-  folder = SHARED_DATA / 'commonsenseqa'
-  plain, hinted = (tasks.load_prompts(str(folder / f)) for f in
-                   ('prompts.txt', 'prompts_answer_key.txt'))
+  plain, hinted = (tasks.packaged_prompts('commonsenseqa', kind)
+                   for kind in ('rationale', 'answer_key'))
   assert len(plain) == len(hinted) == 7
   for block, hint_block in zip(plain, hinted):
     lines = block.split('\n')
@@ -272,14 +358,19 @@ def test_csqa_query_matches_the_prompt_files():
 
 def test_gsm8k_loader_query_format_and_prompt_file(tmp_path):
   test = tasks.load_gsm8k(str(GSM_TEST))
-  assert len(test) == 1319
+  assert len(test) == 20  # Every row of the fixture.
   assert test[0].answer == '18' and test[0].solution.endswith('#### 18')
-  train0 = tasks.load_gsm8k(str(SHARED_DATA / 'gsm8k' / 'train.jsonl'), max_rows=1)[0]
-  plain = tasks.load_prompts(str(SHARED_DATA / 'gsm8k' / 'prompts.txt'))
-  hinted = tasks.load_prompts(str(SHARED_DATA / 'gsm8k' / 'prompts_answer_key.txt'))
-  assert len(plain) == 6
-  assert plain[0] == tasks.format_gsm8k_query(train0) + ' ' + train0.solution
-  assert hinted[0] == tasks.format_gsm8k_query(train0, hint=True) + ' ' + train0.solution
+  train = tasks.load_gsm8k(str(GSM_TRAIN))
+  assert len(train) == 30
+  train0 = tasks.load_gsm8k(str(GSM_TRAIN), max_rows=1)[0]
+  assert train0 == train[0]
+  plain = tasks.packaged_prompts('gsm8k', 'rationale')
+  hinted = tasks.packaged_prompts('gsm8k', 'answer_key')
+  assert len(plain) == len(hinted) == 6
+  # The exemplars are train rows 0, 2, 3, 5, 8 and 9 with their gold solutions.
+  for block, hint_block, ex in zip(plain, hinted, (train[i] for i in (0, 2, 3, 5, 8, 9))):
+    assert block == tasks.format_gsm8k_query(ex) + ' ' + ex.solution
+    assert hint_block == tasks.format_gsm8k_query(ex, hint=True) + ' ' + ex.solution
   whole = tasks.format_gsm8k_query(train0, hint=True, hint_whole_solution=True)
   assert whole == f'Q: {train0.question} ({train0.solution})\nA:'
   ctx = tasks.few_shot_context(plain, tasks.format_gsm8k_query(test[0]))
@@ -293,13 +384,103 @@ def test_task_loaders_malformed_rows(tmp_path):
   bad_key = dict(row, answerKey='Z')
   path = _write_jsonl(tmp_path / 'csqa.jsonl', [json.dumps(row), json.dumps(no_stem),
                                                 json.dumps(row), json.dumps(bad_key), '[1]'])
-  with pytest.raises(ValueError, match=r"csqa\.jsonl:2: .*missing field 'stem'"):
+  with pytest.raises(data.MalformedRow, match=r"csqa\.jsonl:2: .*missing field 'stem'"):
     tasks.load_csqa(path)
+  assert issubclass(data.MalformedRow, errors.UserError)
   loaded = tasks.load_csqa(path, skip_malformed=True)
   assert len(loaded) == 2 and loaded.num_skipped == 3
   gsm = _write_jsonl(tmp_path / 'gsm.jsonl', ['{"question": "q", "answer": "no marker"}'])
-  with pytest.raises(ValueError, match=r'gsm\.jsonl:1: .*####'):
+  with pytest.raises(errors.UserError, match=r'gsm\.jsonl:1: .*####'):
     tasks.load_gsm8k(gsm)
+  # No usable row: the error names the file (and the config field, when the caller gives it).
+  with pytest.raises(errors.UserError, match=rf'{re.escape(gsm)}: all 1 rows are malformed'):
+    tasks.load_gsm8k(gsm, skip_malformed=True)
+  (tmp_path / 'empty.jsonl').write_text('')
+  with pytest.raises(errors.UserError,
+                     match=r'empty\.jsonl: empty: no rows \(config field star\.train_path\)'):
+    tasks.load_csqa(str(tmp_path / 'empty.jsonl'), config_field='star.train_path')
+
+
+def test_packaged_prompts():
+  for task, kinds in tasks.PROMPT_FILES.items():
+    for kind in kinds:
+      exemplars = tasks.packaged_prompts(task, kind)
+      assert len(exemplars) == (7 if task == 'commonsenseqa' else 6)
+      assert all(block.startswith('Q: ') for block in exemplars)
+  hinted = tasks.packaged_prompts('commonsenseqa', 'direct_answer_key')
+  assert all(block.count(tasks.CSQA_HINT) == 1 for block in hinted)
+  assert not any(tasks.CSQA_HINT in b for b in tasks.packaged_prompts('commonsenseqa', 'direct'))
+  assert tasks.packaged_prompts('gsm8k') == tasks.packaged_prompts('gsm8k', 'rationale')
+  with pytest.raises(errors.UserError, match=r"task 'mmlu'; valid tasks: commonsenseqa, gsm8k"):
+    tasks.packaged_prompts('mmlu')
+  with pytest.raises(errors.UserError,
+                     match=r"kind 'direct'; valid kinds: rationale, answer_key$"):
+    tasks.packaged_prompts('gsm8k', 'direct')
+
+
+def test_load_prompts_reads_a_path(tmp_path):
+  path = tmp_path / 'mine.txt'
+  path.write_text('\n\nQ: one\nA: 1\n\n\n\nQ: two\nA: 2\n')
+  assert tasks.load_prompts(str(path)) == ['Q: one\nA: 1', 'Q: two\nA: 2']
+  path.write_text('\n\n')
+  with pytest.raises(errors.UserError, match=rf'{re.escape(str(path))}: no prompt exemplars'):
+    tasks.load_prompts(str(path))
+  with pytest.raises(FileNotFoundError):
+    tasks.load_prompts(str(tmp_path / 'missing.txt'))
+
+
+def _csqa_as_hf(row):
+  """A CommonsenseQA jsonl row in the flat form of the Hub's `tau/commonsense_qa`."""
+  q = row['question']
+  return {'id': row['id'], 'question': q['stem'], 'question_concept': q['question_concept'],
+          'choices': {'label': [c['label'] for c in q['choices']],
+                      'text': [c['text'] for c in q['choices']]},
+          'answerKey': row['answerKey']}
+
+
+def test_load_task_from_a_path_or_the_hub(monkeypatch):
+  csqa = tasks.load_task('commonsenseqa', 'validation', str(CSQA_DEV))
+  assert csqa.rows == tasks.load_csqa(str(CSQA_DEV)).rows
+  gsm = tasks.load_task('gsm8k', 'test', [str(GSM_TEST)], max_rows=5)
+  assert gsm.rows == tasks.load_gsm8k(str(GSM_TEST)).rows[:5]
+
+  csqa_rows = [json.loads(line) for line in CSQA_DEV.read_text().splitlines()[:3]]
+  gsm_rows = [json.loads(line) for line in GSM_TRAIN.read_text().splitlines()[:2]]
+  fake = _fake_datasets({('tau/commonsense_qa', None): [_csqa_as_hf(r) for r in csqa_rows],
+                         ('openai/gsm8k', 'main'): gsm_rows})
+  monkeypatch.setitem(sys.modules, 'datasets', fake)
+  hub_csqa = tasks.load_task('commonsenseqa', 'validation')
+  assert hub_csqa.rows == csqa.rows[:3]
+  assert [ex.raw for ex in hub_csqa] == csqa_rows  # The nested jsonl form, key for key.
+  hub_gsm = tasks.load_task('gsm8k', 'train')
+  assert hub_gsm.rows == tasks.load_gsm8k(str(GSM_TRAIN)).rows[:2]
+  assert fake.calls == [('tau/commonsense_qa', None, 'validation'),
+                        ('openai/gsm8k', 'main', 'train')]
+
+  broken = dict(_csqa_as_hf(csqa_rows[0]), choices={'label': ['A', 'B'], 'text': ['x']})
+  fake = _fake_datasets({('tau/commonsense_qa', None): [_csqa_as_hf(csqa_rows[1]), broken],
+                         ('openai/gsm8k', 'main'): []})
+  monkeypatch.setitem(sys.modules, 'datasets', fake)
+  with pytest.raises(data.MalformedRow,
+                     match=r'tau/commonsense_qa\[train\] row 1: .*one length'):
+    tasks.load_task('commonsenseqa', 'train')
+  assert len(tasks.load_task('commonsenseqa', 'train', skip_malformed=True)) == 1
+  with pytest.raises(errors.UserError, match=r'openai/gsm8k\[test\]: empty: no rows'):
+    tasks.load_task('gsm8k', 'test')
+
+
+def test_load_task_errors(monkeypatch):
+  with pytest.raises(errors.UserError, match=r"task 'mmlu'; valid: commonsenseqa, gsm8k"):
+    tasks.load_task('mmlu', 'train', str(CSQA_DEV))
+  with pytest.raises(errors.UserError, match=r"no split 'dev'; valid: train, validation"):
+    tasks.load_task('commonsenseqa', 'dev', str(CSQA_DEV))
+  with pytest.raises(errors.UserError, match=r"no split 'validation'; valid: train, test"):
+    tasks.load_task('gsm8k', 'validation')
+  monkeypatch.setitem(sys.modules, 'datasets', None)  # Make `import datasets` fail.
+  with pytest.raises(ImportError, match=r'pip install -e \.\[hf\]; or pass the path .*'
+                                        r'config field star\.eval_path'):
+    tasks.load_task('gsm8k', 'test', config_field='star.eval_path')
+  assert len(tasks.load_task('gsm8k', 'test', str(GSM_TEST))) == 20  # A path needs no Hub.
 
 
 @pytest.mark.parametrize('a,b', [('1,080', '1080'), ('$5', '5'), ('72.0', '72'),
@@ -319,7 +500,7 @@ def test_gsm8k_checker():
   assert not tasks.check_gsm8k('#### 5', '6')
   assert tasks.extract_gsm8k_answer('x<|endoftext|>\n#### 5') is None
   # Round trip: every gold solution checks against its own gold answer, raw and normalized.
-  for ex in tasks.load_gsm8k(str(GSM_TEST)):
+  for ex in [*tasks.load_gsm8k(str(GSM_TEST)), *tasks.load_gsm8k(str(GSM_TRAIN))]:
     assert tasks.check_gsm8k(ex.solution, ex.answer)
     assert tasks.check_gsm8k(ex.solution, tasks.gsm8k_final_answer(ex.solution),
                              normalize=False)

@@ -2,10 +2,12 @@
 
   lm      synthetic / jsonl / Hugging Face documents -> cropped-padded or packed, shuffled,
           process-sharded, checkpointable batches; `make_global_batch` for jit inputs.
-  tasks   CommonsenseQA, GSM8K and addition: loaders, query formats, hints, answer checkers.
-  jsonl   line-numbered jsonl reading shared by both (malformed rows raise or are counted).
+  tasks   CommonsenseQA, GSM8K and addition: loaders (jsonl or the Hugging Face Hub), query
+          formats, hints, answer checkers, the packaged few-shot prompts (prompts/).
+  jsonl   row reading shared by both, with errors that name the file and line (malformed rows
+          raise or are counted; input without a good row raises).
 """
-from jaxstar.data.jsonl import Loaded, expand_paths, read_jsonl
+from jaxstar.data.jsonl import Loaded, MalformedRow, expand_paths, parse_rows, read_jsonl
 from jaxstar.data.lm import (
     LMPipeline, crop_or_pad, hf_docs, jsonl_docs, lm_dataset, lm_dataset_from_config,
     make_global_batch, pack_rows, synthetic_arithmetic_doc, synthetic_docs)
@@ -14,4 +16,4 @@ from jaxstar.data.tasks import (
     check_arithmetic, check_csqa, check_gsm8k, extract_arithmetic_answer, extract_csqa_answer,
     extract_gsm8k_answer, few_shot_context, format_addition, format_csqa_query,
     format_gsm8k_query, generate_addition, gsm8k_final_answer, load_csqa, load_gsm8k,
-    load_prompts, normalize_number)
+    load_prompts, load_task, normalize_number, packaged_prompts)

@@ -1,22 +1,27 @@
-"""Reading jsonl files row by row, with errors that name the file and the 1-based line.
+"""Reading rows (jsonl lines or Hugging Face records), with errors that say where the row is.
 
-Every jsonl reader in `jaxstar.data` goes through `read_jsonl`: a row that is not valid JSON,
-lacks a field, or has a field of the wrong type either raises `ValueError("<path>:<line>: ...")`
-or, with `skip_malformed=True`, is dropped and counted in `Loaded.num_skipped`.
+Every row reader in `jaxstar.data` goes through `parse_rows`: a row that is not valid JSON, lacks
+a field, or has a field of the wrong type either raises `MalformedRow("<path>:<line>: ...")`
+or, with `skip_malformed=True`, is dropped and counted in `Loaded.num_skipped`. Input with no
+usable row at all is an error naming the files (and the config field that named them): an
+empty result would otherwise surface much later, far from its cause.
 """
 import dataclasses
 import glob
 import json
 import logging
 import os
-from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Iterator, Sequence, TypeVar
+
+from jaxstar.errors import UserError
 
 T = TypeVar('T')
 _MAX_WARNINGS = 10  # Skipped rows logged individually; the rest only counted.
+_MAX_NAMED_FILES = 3  # An error names this many files, then counts the rest.
 
 
-class MalformedRow(ValueError):
-  """Raised by a row parser for a row it cannot use; `read_jsonl` adds file and line."""
+class MalformedRow(UserError):
+  """A row its parser cannot use; `parse_rows` re-raises it with the row's location."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +41,23 @@ class Loaded(Generic[T]):
     return self.rows[i]
 
 
-def expand_paths(paths: str | Sequence[str]) -> list[str]:
+def field_note(config_field: str) -> str:
+  """" (config field data.paths)" to end an error message with, or '' without a field."""
+  return f' (config field {config_field})' if config_field else ''
+
+
+def describe_paths(paths: Sequence[str]) -> str:
+  """The files of an error message: all of a few, else the first few and a count."""
+  if len(paths) <= _MAX_NAMED_FILES:
+    return ', '.join(paths)
+  return f'{", ".join(paths[:_MAX_NAMED_FILES])} and {len(paths) - _MAX_NAMED_FILES} more files'
+
+
+def expand_paths(paths: str | Sequence[str], config_field: str = '') -> list[str]:
   """Expands a path, a comma-separated string of paths, or a list of paths/globs, in order.
 
-  Raises FileNotFoundError naming any entry that matches no file.
+  Raises FileNotFoundError naming any entry that matches no file, UserError if there are no
+  entries; both name `config_field` when given.
   """
   if isinstance(paths, str):
     paths = [p for p in paths.split(',')]
@@ -50,10 +68,10 @@ def expand_paths(paths: str | Sequence[str]) -> list[str]:
       continue
     matches = sorted(glob.glob(p)) if glob.has_magic(p) else ([p] if os.path.isfile(p) else [])
     if not matches:
-      raise FileNotFoundError(f'no file matches {p!r}')
+      raise FileNotFoundError(f'no file matches {p!r}{field_note(config_field)}')
     out.extend(matches)
   if not out:
-    raise ValueError('no input paths given')
+    raise UserError(f'no input paths given{field_note(config_field)}')
   return out
 
 
@@ -70,41 +88,69 @@ def get_field(row: Any, key: str, kind: type | tuple[type, ...]) -> Any:
   return value
 
 
-def read_jsonl(paths: str | Sequence[str], parse: Callable[[Any], T], *,
-               skip_malformed: bool = False, max_rows: int = 0) -> Loaded[T]:
-  """Parses every non-blank line of `paths` with `parse(json_object)`.
+def parse_rows(located: Iterable[tuple[str, Any]], parse: Callable[[Any], T], *, source: str,
+               decode: Callable[[Any], Any] | None = None, skip_malformed: bool = False,
+               max_rows: int = 0, config_field: str = '') -> Loaded[T]:
+  """Parses every item of `located` with `parse(decode(item))`.
 
   Args:
-    paths: see `expand_paths`.
-    parse: turns one decoded JSON value into a row; raises MalformedRow (or KeyError,
-      TypeError, ValueError) for a row it cannot use.
+    located: (where, item) pairs; `where` ("<path>:<line>", "<dataset> row <i>") starts the
+      error message of a malformed item.
+    parse: turns one decoded value into a row; raises MalformedRow (or KeyError, TypeError,
+      ValueError) for a row it cannot use.
+    source: the input as an error should name it (files, or a dataset and split).
+    decode: turns an item into the value `parse` takes (default: the item itself); its
+      errors count as a malformed row.
     skip_malformed: drop and count malformed rows instead of raising.
     max_rows: stop after this many good rows (0: read everything).
+    config_field: the config field that named the input, for the error messages.
 
   Raises:
-    ValueError: "<path>:<line>: <problem>" for the first malformed row, unless skipped.
+    MalformedRow: "<where>: malformed row: <problem>" for the first malformed row, unless
+      skipped.
+    UserError: no good row at all (the input is empty, or every row was skipped).
   """
   rows, skipped = [], 0
-  for path, lineno, line in _lines(expand_paths(paths)):
+  for where, item in located:
     if max_rows and len(rows) >= max_rows:
       break
     try:
-      rows.append(parse(json.loads(line.decode('utf-8'))))
+      rows.append(parse(decode(item) if decode else item))
     except (MalformedRow, KeyError, TypeError, ValueError) as e:  # JSON and UTF-8 errors too.
       if not skip_malformed:
-        raise ValueError(f'{path}:{lineno}: malformed row: {e}') from e
+        raise MalformedRow(f'{where}: malformed row: {e}{field_note(config_field)}') from e
       skipped += 1
       if skipped <= _MAX_WARNINGS:
-        logging.warning('%s:%d: skipping malformed row: %s', path, lineno, e)
+        logging.warning('%s: skipping malformed row: %s', where, e)
   if skipped:
-    logging.warning('skipped %d malformed rows in %s', skipped, paths)
+    logging.warning('skipped %d malformed rows in %s', skipped, source)
+  if not rows:
+    problem = (f'all {skipped} rows are malformed (skip_malformed dropped them)' if skipped
+               else 'empty: no rows')
+    raise UserError(f'{source}: {problem}{field_note(config_field)}')
   return Loaded(rows, skipped)
 
 
-def _lines(paths: list[str]) -> Iterator[tuple[str, int, bytes]]:
-  """Yields (path, 1-based line number, raw line) for every non-blank line of `paths`."""
+def read_jsonl(paths: str | Sequence[str], parse: Callable[[Any], T], *,
+               skip_malformed: bool = False, max_rows: int = 0,
+               config_field: str = '') -> Loaded[T]:
+  """Parses every non-blank line of the jsonl `paths` (see `expand_paths`) with `parse`.
+
+  Errors and arguments as `parse_rows`; a malformed row is reported as "<path>:<line>: ...".
+  """
+  files = expand_paths(paths, config_field)
+  return parse_rows(_lines(files), parse, source=describe_paths(files), decode=_decode_line,
+                    skip_malformed=skip_malformed, max_rows=max_rows, config_field=config_field)
+
+
+def _decode_line(line: bytes) -> Any:
+  return json.loads(line.decode('utf-8'))
+
+
+def _lines(paths: list[str]) -> Iterator[tuple[str, bytes]]:
+  """Yields ("<path>:<1-based line number>", raw line) for every non-blank line of `paths`."""
   for path in paths:
     with open(path, 'rb') as f:  # Bytes, so a bad encoding is reported with its line.
       for lineno, line in enumerate(f, start=1):
         if line.strip():
-          yield path, lineno, line
+          yield f'{path}:{lineno}', line

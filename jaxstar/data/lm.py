@@ -1,8 +1,9 @@
 """Language-model text pipelines on grain `MapDataset`, sharded by process, resumable.
 
-A pipeline turns documents into per-process batches `dict(tokens=int32[b, L], mask=int32[b, L])`
-(plus `segment_ids=int32[b, L]` in pack mode when asked), where `b = global_batch / process_count`.
-`mask` is 1 on real tokens and 0 on padding.
+A pipeline turns documents into per-process batches `dict(tokens=int32[b, L], mask=int32[b, L])`,
+plus `segment_ids=int32[b, L]` in pack mode, where `b = global_batch / process_count`. `mask` is
+1 on real tokens and 0 on padding; `segment_ids` numbers the documents of each packed row from 1,
+so that attention can be kept within a document (a packed row has no padding to mask).
 
 Stages (spec/quietstar.md §1.1):
   1. documents: a synthetic arithmetic corpus (the default, generated in code), jsonl files, or a
@@ -12,7 +13,8 @@ Stages (spec/quietstar.md §1.1):
        from (seed, document index), so fixed for the whole run); a shorter one is right-padded
        with the pad id (2, which is EOS).
      - 'pack': documents are joined with EOS after each and cut into L-token rows (the last
-       partial row is dropped). The corpus is tokenized up front, so bound it with `max_docs`.
+       partial row is dropped), with their segment ids. The corpus is tokenized up front, so
+       bound it with `max_docs`.
   3. shuffle with `seed` (each epoch differently), repeat `num_epochs` times (0: forever),
      keep whole global batches only, batch, and give process p the p-th block of b rows of
      every global batch: the processes' batches, concatenated in process order, are exactly
@@ -21,7 +23,9 @@ Stages (spec/quietstar.md §1.1):
      save and restore the position, so a resumed run sees the batches it would have seen.
 
 Config fields read by `lm_dataset_from_config` (an ml_collections.ConfigDict or a dict; missing
-fields take the defaults in `DEFAULTS`):
+fields take the defaults in `DEFAULTS`; other fields are ignored). Input the user can fix (an
+unknown source or mode, a missing or empty file, no documents left) raises `UserError` naming
+the config field, or FileNotFoundError for a missing file.
   source                'synthetic' | 'jsonl' | 'hf'.
   paths                 jsonl: a list of paths/globs or one comma-separated string;
                         hf: a dataset name on the Hub, or a local folder.
@@ -36,7 +40,6 @@ fields take the defaults in `DEFAULTS`):
   seed                  shuffle seed; also seeds crop offsets and the synthetic corpus.
   num_epochs            passes over the data (0: repeat forever).
   skip_malformed        jsonl: skip (and count) malformed rows instead of raising.
-  segment_ids           pack mode: also return segment ids (1-based document number in the row).
   synthetic_docs        number of synthetic documents.
   synthetic_max_digits  synthetic operands have 1..this many digits.
 """
@@ -49,13 +52,14 @@ import jax
 import numpy as np
 
 from jaxstar.data import jsonl
+from jaxstar.errors import UserError
 
 SOURCES = ('synthetic', 'jsonl', 'hf')
 MODES = ('crop_pad', 'pack')
 DEFAULTS = dict(
     source='synthetic', paths='', hf_split='train', text_field='text', max_docs=0, skip_docs=0,
     seq_len=256, mode='crop_pad', seed=42, num_epochs=0, skip_malformed=False,
-    segment_ids=False, synthetic_docs=1000, synthetic_max_digits=5)
+    synthetic_docs=1000, synthetic_max_digits=5)
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -86,7 +90,7 @@ def synthetic_arithmetic_doc(index: int, *, seed: int = 42, max_digits: int = 5,
   [1, max_digits] (no leading zero); a document has `problems[0]..problems[1]` lines.
   """
   if max_digits < 1:
-    raise ValueError(f'synthetic max_digits must be >= 1, got {max_digits}')
+    raise UserError(f'data.synthetic_max_digits must be >= 1, got {max_digits}')
   rng = np.random.default_rng([seed, index])
   lines = []
   for _ in range(rng.integers(problems[0], problems[1] + 1)):
@@ -103,20 +107,22 @@ def _random_int(rng: np.random.Generator, digits: int) -> int:
 def synthetic_docs(num_docs: int, *, seed: int = 42, max_digits: int = 5) -> LazyDocs:
   """The synthetic arithmetic corpus: `num_docs` documents made on access (no download)."""
   if num_docs < 1:
-    raise ValueError(f'synthetic_docs must be >= 1, got {num_docs}')
+    raise UserError(f'data.synthetic_docs must be >= 1, got {num_docs}')
   return LazyDocs(num_docs, lambda i: synthetic_arithmetic_doc(i, seed=seed,
                                                                max_digits=max_digits))
 
 
 def jsonl_docs(paths: str | Sequence[str], *, text_field: str = 'text', max_docs: int = 0,
-               skip_malformed: bool = False) -> jsonl.Loaded[str]:
+               skip_malformed: bool = False, config_field: str = '') -> jsonl.Loaded[str]:
   """Texts of field `text_field` of every row of the jsonl `paths` (list, comma string, globs).
 
-  A malformed row raises ValueError naming file and line, or is skipped and counted in
-  `.num_skipped` when `skip_malformed`.
+  A malformed row raises MalformedRow (a UserError) naming file and line, or is skipped and
+  counted in `.num_skipped` when `skip_malformed`. Files without any good row raise UserError
+  naming them and `config_field`.
   """
   return jsonl.read_jsonl(paths, lambda row: jsonl.get_field(row, text_field, str),
-                          skip_malformed=skip_malformed, max_rows=max_docs)
+                          skip_malformed=skip_malformed, max_rows=max_docs,
+                          config_field=config_field)
 
 
 def hf_docs(name_or_path: str, *, split: str = 'train', text_field: str = 'text',
@@ -124,13 +130,14 @@ def hf_docs(name_or_path: str, *, split: str = 'train', text_field: str = 'text'
   """Texts of a Hugging Face dataset (Hub name, or a local folder), read lazily by index.
 
   With `max_docs` and a Hub name, the first `max_docs` rows are streamed instead of
-  downloading the whole dataset. Needs the optional `datasets` package.
+  downloading the whole dataset. Needs the optional `datasets` package (`pip install -e .[hf]`).
+  Raises UserError if no document is left.
   """
   try:
     import datasets  # pylint: disable=g-import-not-at-top  # Optional; only this source needs it.
   except ImportError as e:
     raise ImportError("data source 'hf' needs the Hugging Face datasets package: "
-                      'pip install datasets') from e
+                      'pip install -e .[hf] (or pip install datasets)') from e
   name = f'{name_or_path}[{split}]'
   if os.path.isdir(name_or_path) and (
       os.path.exists(os.path.join(name_or_path, 'dataset_dict.json'))
@@ -142,21 +149,27 @@ def hf_docs(name_or_path: str, *, split: str = 'train', text_field: str = 'text'
     stream = datasets.load_dataset(name_or_path, split=split, streaming=True).skip(skip_docs)
     texts = [_hf_text(row, text_field, name, skip_docs + i)
              for i, row in enumerate(stream.take(max_docs))]
+    if not texts:
+      raise UserError(f'Hugging Face dataset {name}: no rows after skipping {skip_docs}')
     return texts
   else:
     ds = datasets.load_dataset(name_or_path, split=split)
-  if text_field not in ds.column_names:
-    raise ValueError(f'{name}: no field {text_field!r}; fields: {ds.column_names}')
   n = max(0, len(ds) - skip_docs)
   n = min(n, max_docs) if max_docs else n
+  if not n:
+    raise UserError(f'Hugging Face dataset {name}: no rows after skipping {skip_docs} of '
+                    f'{len(ds)}')
+  if text_field not in ds.column_names:
+    raise UserError(f'Hugging Face dataset {name}: no field {text_field!r} (data.text_field); '
+                    f'fields: {ds.column_names}')
   return LazyDocs(n, lambda i: _hf_text(ds[skip_docs + i], text_field, name, skip_docs + i))
 
 
 def _hf_text(row: Mapping[str, Any], field: str, name: str, index: int) -> str:
   text = row.get(field)
   if not isinstance(text, str):
-    raise ValueError(f'{name} row {index}: field {field!r} should be str, got '
-                     f'{type(text).__name__}')
+    raise jsonl.MalformedRow(f'Hugging Face dataset {name} row {index}: field {field!r} should '
+                             f'be str, got {type(text).__name__}')
   return text
 
 
@@ -191,8 +204,8 @@ def pack_rows(docs: Sequence[Sequence[int]], seq_len: int, eos_id: int,
   doc_of_token = np.repeat(np.arange(len(docs), dtype=np.int32), lengths)
   num_rows = len(stream) // seq_len
   if num_rows == 0:
-    raise ValueError(f'pack mode: the corpus has {len(stream)} tokens, fewer than one row of '
-                     f'seq_len={seq_len}')
+    raise UserError(f'pack mode: the corpus has {len(stream)} tokens, fewer than one row of '
+                    f'seq_len={seq_len} (data.seq_len)')
   tokens = stream[:num_rows * seq_len].reshape(num_rows, seq_len)
   segs = doc_of_token[:num_rows * seq_len].reshape(num_rows, seq_len)
   return tokens, segs - segs[:, :1] + 1
@@ -230,7 +243,7 @@ class LMPipeline:
 def lm_dataset(docs: Sequence[str], tokenizer, *, seq_len: int, global_batch_size: int,
                mode: str = 'crop_pad', seed: int = 42, num_epochs: int = 0,
                process_index: int = 0, process_count: int = 1,
-               segment_ids: bool = False, num_skipped: int = 0) -> LMPipeline:
+               num_skipped: int = 0) -> LMPipeline:
   """Builds the batched, process-sharded pipeline over `docs` (see the module docstring).
 
   Args:
@@ -238,29 +251,26 @@ def lm_dataset(docs: Sequence[str], tokenizer, *, seq_len: int, global_batch_siz
     tokenizer: a `jaxstar.tokenizer` tokenizer.
     seq_len: L.
     global_batch_size: rows per step over all processes; divisible by `process_count`.
-    mode: 'crop_pad' or 'pack'.
+    mode: 'crop_pad' or 'pack' (which adds `segment_ids`).
     seed: shuffle seed, also the crop offsets' seed.
     num_epochs: passes over the data; 0 repeats forever.
     process_index, process_count: this process and how many share the batch.
-    segment_ids: pack mode: add `segment_ids`.
     num_skipped: recorded on the result (malformed rows the caller skipped).
   """
   if mode not in MODES:
-    raise ValueError(f'unknown data mode {mode!r}; valid: {", ".join(MODES)}')
+    raise UserError(f'unknown data mode {mode!r} (data.mode); valid: {", ".join(MODES)}')
   if seq_len < 1 or global_batch_size < 1:
-    raise ValueError(f'seq_len and global_batch_size must be >= 1, got {seq_len}, '
-                     f'{global_batch_size}')
+    raise UserError(f'seq_len and global_batch_size must be >= 1, got {seq_len}, '
+                    f'{global_batch_size}')
   if process_count < 1 or not 0 <= process_index < process_count:
     raise ValueError(f'process_index {process_index} not in [0, {process_count})')
   if global_batch_size % process_count:
-    raise ValueError(f'global batch {global_batch_size} is not divisible by the '
-                     f'{process_count} processes')
+    raise UserError(f'global batch {global_batch_size} is not divisible by the '
+                    f'{process_count} processes')
   if num_epochs < 0:
-    raise ValueError(f'num_epochs must be >= 0 (0: forever), got {num_epochs}')
+    raise UserError(f'num_epochs must be >= 0 (0: forever), got {num_epochs}')
   if not len(docs):
-    raise ValueError('no documents')
-  if segment_ids and mode != 'pack':
-    raise ValueError("segment_ids are only defined in mode 'pack'")
+    raise UserError('no documents to build the LM pipeline from')
 
   if mode == 'crop_pad':
     num_docs = len(docs)
@@ -274,10 +284,7 @@ def lm_dataset(docs: Sequence[str], tokenizer, *, seq_len: int, global_batch_siz
     tokens, segs = pack_rows(tokenizer.encode_batch(docs, bos=True, eos=False), seq_len,
                              tokenizer.eos_id)
     def make_packed(r):
-      row = dict(tokens=tokens[r], mask=np.ones(seq_len, np.int32))
-      if segment_ids:
-        row['segment_ids'] = segs[r]
-      return row
+      return dict(tokens=tokens[r], mask=np.ones(seq_len, np.int32), segment_ids=segs[r])
     ds = grain.MapDataset.range(len(tokens)).map(make_packed)
   rows_per_epoch = len(ds)
 
@@ -286,8 +293,8 @@ def lm_dataset(docs: Sequence[str], tokenizer, *, seq_len: int, global_batch_siz
   if num_epochs:
     steps = len(ds) // global_batch_size
     if steps == 0:
-      raise ValueError(f'{len(ds)} rows in {num_epochs} epochs make no global batch of '
-                       f'{global_batch_size}')
+      raise UserError(f'{len(ds)} rows in {num_epochs} epochs (data.num_epochs) make no '
+                      f'global batch of {global_batch_size}')
     ds = ds[:steps * global_batch_size]  # Every process must see the same number of steps.
   local = global_batch_size // process_count
   # Local batch k holds rows [k*b, (k+1)*b); global step s is local batches s*P .. s*P+P-1.
@@ -318,29 +325,35 @@ def lm_dataset_from_config(data_cfg, tokenizer, global_batch_size: int, process_
     docs = _window(synthetic_docs(n, seed=int(get('seed')),
                                   max_digits=int(get('synthetic_max_digits'))),
                    skip_docs, max_docs)
+    origin = f'the {n} synthetic documents (data.synthetic_docs)'
   elif source == 'jsonl':
     if not get('paths'):
-      raise ValueError("data source 'jsonl' needs data.paths")
+      raise UserError("data source 'jsonl' needs data.paths")
     loaded = jsonl_docs(get('paths'), text_field=get('text_field'),
                         max_docs=max_docs + skip_docs if max_docs else 0,
-                        skip_malformed=bool(get('skip_malformed')))
+                        skip_malformed=bool(get('skip_malformed')), config_field='data.paths')
     docs, skipped = _window(loaded.rows, skip_docs, 0), loaded.num_skipped
+    origin = f'the {len(loaded)} documents of {get("paths")} (data.paths)'
   elif source == 'hf':
     paths = get('paths')
     paths = [paths] if isinstance(paths, str) else list(paths)
     if len(paths) != 1 or not paths[0]:
-      raise ValueError("data source 'hf' needs data.paths = one dataset name or folder, got "
-                       f'{get("paths")!r}')
+      raise UserError("data source 'hf' needs data.paths = one dataset name or folder, got "
+                      f'{get("paths")!r}')
     name = paths[0]
     docs = hf_docs(name, split=get('hf_split'), text_field=get('text_field'),
                    max_docs=max_docs, skip_docs=skip_docs)
+    origin = f'Hugging Face dataset {name}[{get("hf_split")}] (data.paths, data.hf_split)'
   else:
-    raise ValueError(f'unknown data source {source!r}; valid: {", ".join(SOURCES)}')
+    raise UserError(f'unknown data source {source!r} (data.source); valid: '
+                    f'{", ".join(SOURCES)}')
+  if not len(docs):  # Each source reports its own empty input; here skip_docs took them all.
+    raise UserError(f'data.skip_docs={skip_docs} leaves no document of {origin}')
   return lm_dataset(docs, tokenizer, seq_len=int(get('seq_len')),
                     global_batch_size=global_batch_size, mode=get('mode'),
                     seed=int(get('seed')), num_epochs=int(get('num_epochs')),
                     process_index=process_index, process_count=process_count,
-                    segment_ids=bool(get('segment_ids')), num_skipped=skipped)
+                    num_skipped=skipped)
 
 
 def make_global_batch(local_batch: Mapping[str, np.ndarray], sharding) -> dict[str, jax.Array]:

@@ -5,20 +5,38 @@ without the rationalization hint, and answer extraction + checking (§1.4). Few-
 are split on blank lines; the generation context is the exemplars and the query joined by blank
 lines (`few_shot_context`).
 
+Full splits come from a jsonl file named in the config, or, without one, from the Hugging Face
+Hub (`load_task`; needs the optional `datasets` package, `pip install -e .[hf]`). The STaR
+paper's few-shot prompt files ship inside the package (`packaged_prompts`).
+
 Gold answers (`Example.answer`): CommonsenseQA 'A'..'E' ('' for an unlabelled test row); GSM8K
 the final number after "####", normalized (`normalize_number`: no commas, "$", trailing ".0");
 addition the answer line, digits separated by spaces ("5 8").
 """
 import dataclasses
+import importlib.resources
 import re
 from typing import Any, Sequence
 
 import numpy as np
 
 from jaxstar.data import jsonl
+from jaxstar.errors import UserError
 
 END_OF_TEXT = '<|endoftext|>'  # The official code's sample terminator; extraction cuts at it.
 CSQA_HINT = ' (CORRECT)'
+
+# Splits `load_task` knows, named as on the Hugging Face Hub, and where each task lives there
+# (dataset, config).
+TASK_SPLITS = {'commonsenseqa': ('train', 'validation'), 'gsm8k': ('train', 'test')}
+HF_DATASETS = {'commonsenseqa': ('tau/commonsense_qa', None), 'gsm8k': ('openai/gsm8k', 'main')}
+# Few-shot prompt files shipped in jaxstar/data/prompts/<task>/, by kind (`packaged_prompts`).
+PROMPT_FILES = {
+    'commonsenseqa': {'rationale': 'prompts.txt', 'answer_key': 'prompts_answer_key.txt',
+                      'direct': 'prompts_direct.txt',
+                      'direct_answer_key': 'prompts_direct_answer_key.txt'},
+    'gsm8k': {'rationale': 'prompts.txt', 'answer_key': 'prompts_answer_key.txt'},
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,14 +76,32 @@ def _parse_csqa(row: Any) -> Example:
   return Example(question=stem, answer=answer.upper(), choices=choices, raw=row)
 
 
-def load_csqa(path: str | Sequence[str], *, skip_malformed: bool = False,
-              max_rows: int = 0) -> jsonl.Loaded[Example]:
+def load_csqa(path: str | Sequence[str], *, skip_malformed: bool = False, max_rows: int = 0,
+              config_field: str = '') -> jsonl.Loaded[Example]:
   """CommonsenseQA in the nested TAU jsonl format (spec/star.md §2.1).
 
-  Raises ValueError "<path>:<line>: ..." on a malformed row unless `skip_malformed`, in which
-  case it is dropped and counted in `.num_skipped`.
+  Raises MalformedRow (a UserError) "<path>:<line>: ..." on a malformed row unless
+  `skip_malformed`, in which case it is dropped and counted in `.num_skipped`; UserError naming
+  the files (and `config_field`) when no row is left.
   """
-  return jsonl.read_jsonl(path, _parse_csqa, skip_malformed=skip_malformed, max_rows=max_rows)
+  return jsonl.read_jsonl(path, _parse_csqa, skip_malformed=skip_malformed, max_rows=max_rows,
+                          config_field=config_field)
+
+
+def _csqa_from_hf(row: Any) -> dict[str, Any]:
+  """A `tau/commonsense_qa` record in the nested jsonl form that `_parse_csqa` reads.
+
+  The Hub's record is flat: {id, question (the stem), question_concept,
+  choices: {label: [...], text: [...]}, answerKey}.
+  """
+  choices = jsonl.get_field(row, 'choices', dict)
+  labels, texts = choices.get('label'), choices.get('text')
+  if not isinstance(labels, list) or not isinstance(texts, list) or len(labels) != len(texts):
+    raise jsonl.MalformedRow("field 'choices' should hold 'label' and 'text' lists of one length")
+  return {'answerKey': row.get('answerKey', ''), 'id': row.get('id', ''),
+          'question': {'question_concept': row.get('question_concept', ''),
+                       'choices': [{'label': l, 'text': t} for l, t in zip(labels, texts)],
+                       'stem': jsonl.get_field(row, 'question', str)}}
 
 
 def format_csqa_query(example: Example, hint: bool = False) -> str:
@@ -129,10 +165,11 @@ def _parse_gsm8k(row: Any) -> Example:
                  solution=solution, raw=row)
 
 
-def load_gsm8k(path: str | Sequence[str], *, skip_malformed: bool = False,
-               max_rows: int = 0) -> jsonl.Loaded[Example]:
-  """GSM8K jsonl (question, answer ending "#### N"); malformed rows as `load_csqa`."""
-  return jsonl.read_jsonl(path, _parse_gsm8k, skip_malformed=skip_malformed, max_rows=max_rows)
+def load_gsm8k(path: str | Sequence[str], *, skip_malformed: bool = False, max_rows: int = 0,
+               config_field: str = '') -> jsonl.Loaded[Example]:
+  """GSM8K jsonl (question, answer ending "#### N"); errors as `load_csqa`."""
+  return jsonl.read_jsonl(path, _parse_gsm8k, skip_malformed=skip_malformed, max_rows=max_rows,
+                          config_field=config_field)
 
 
 def format_gsm8k_query(example: Example, hint: bool = False,
@@ -171,17 +208,82 @@ def check_gsm8k(text: str, gold: str, normalize: bool = True) -> bool:
   return pred == gold.strip()
 
 
+# ----------------------------------------------------------------------------- full splits
+
+
+def load_task(task: str, split: str, path: str | Sequence[str] = '', *,
+              skip_malformed: bool = False, max_rows: int = 0,
+              config_field: str = '') -> jsonl.Loaded[Example]:
+  """A task split as `Example`s: from jsonl `path` if given, else from the Hugging Face Hub.
+
+  Args:
+    task: 'commonsenseqa' or 'gsm8k'.
+    split: one of `TASK_SPLITS[task]` (CommonsenseQA: train, validation; GSM8K: train, test).
+    path: jsonl file(s) of the split, as `load_csqa` / `load_gsm8k` take; '' loads
+      `HF_DATASETS[task]` with the optional `datasets` package.
+    skip_malformed, max_rows: as `jsonl.parse_rows`.
+    config_field: the config field that named `path`, for error messages.
+
+  Both sources give the same `Example`s (Hub CommonsenseQA records are first put in the
+  nested jsonl form, which `Example.raw` then holds).
+  """
+  if task not in TASK_SPLITS:
+    raise UserError(f'unknown task {task!r}; valid: {", ".join(TASK_SPLITS)}')
+  if split not in TASK_SPLITS[task]:
+    raise UserError(f'task {task!r} has no split {split!r}; valid: '
+                    f'{", ".join(TASK_SPLITS[task])}')
+  parse = {'commonsenseqa': _parse_csqa, 'gsm8k': _parse_gsm8k}[task]
+  kw = dict(skip_malformed=skip_malformed, max_rows=max_rows, config_field=config_field)
+  if path:
+    return jsonl.read_jsonl(path, parse, **kw)
+  try:
+    import datasets  # pylint: disable=g-import-not-at-top  # Optional: only the Hub needs it.
+  except ImportError as e:
+    raise ImportError(f'loading {task} {split} from the Hugging Face Hub needs the datasets '
+                      'package: pip install -e .[hf]; or pass the path of a jsonl copy of the '
+                      f'split{jsonl.field_note(config_field)}') from e
+  name, hf_config = HF_DATASETS[task]
+  records = datasets.load_dataset(name, hf_config, split=split)
+  source = f'Hugging Face dataset {name}[{split}]'
+  decode = _csqa_from_hf if task == 'commonsenseqa' else None
+  return jsonl.parse_rows(((f'{source} row {i}', r) for i, r in enumerate(records)), parse,
+                          source=source, decode=decode, **kw)
+
+
 # ------------------------------------------------------------------------ few-shot prompts
 
 
 def load_prompts(path: str) -> list[str]:
   """The exemplars of a few-shot prompt file: its blocks separated by blank lines."""
   with open(path, encoding='utf-8') as f:
-    text = f.read()
+    return _split_prompts(f.read(), path)
+
+
+def packaged_prompts(task: str, kind: str = 'rationale') -> list[str]:
+  """The exemplars of a few-shot prompt file shipped with jaxstar (`PROMPT_FILES`).
+
+  Args:
+    task: 'commonsenseqa' or 'gsm8k'.
+    kind: 'rationale' (worked exemplars), 'answer_key' (the same with the hint, for
+      rationalization); CommonsenseQA also has 'direct' and 'direct_answer_key' (answers only,
+      the no-rationale baseline).
+  """
+  if task not in PROMPT_FILES:
+    raise UserError(f'no packaged prompts for task {task!r}; valid tasks: '
+                    f'{", ".join(PROMPT_FILES)}')
+  if kind not in PROMPT_FILES[task]:
+    raise UserError(f'task {task!r} has no packaged prompts of kind {kind!r}; valid kinds: '
+                    f'{", ".join(PROMPT_FILES[task])}')
+  name = PROMPT_FILES[task][kind]
+  resource = importlib.resources.files('jaxstar.data') / 'prompts' / task / name
+  return _split_prompts(resource.read_text(encoding='utf-8'), f'packaged prompts/{task}/{name}')
+
+
+def _split_prompts(text: str, origin: str) -> list[str]:
   blocks = [b.strip('\n') for b in text.split('\n\n')]
   blocks = [b for b in blocks if b.strip()]
   if not blocks:
-    raise ValueError(f'{path}: no prompt exemplars')
+    raise UserError(f'{origin}: no prompt exemplars (the file is empty)')
   return blocks
 
 
