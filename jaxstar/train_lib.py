@@ -198,11 +198,18 @@ def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
   return {k: float(np.mean([h[k] for h in host])) for k in host[0]}
 
 
-def next_token_loss(logits_blv, tokens_bl, mask_bl):
-  """Mean next-token cross-entropy over real targets, in fp32 (or wider). Returns (loss, n)."""
+def next_token_loss(logits_blv, tokens_bl, mask_bl, segment_ids_bl=None):
+  """Mean next-token cross-entropy over real targets, in fp32 (or wider). Returns (loss, n).
+
+  In a packed row (`segment_ids_bl`) the first token of a document is no target of the last
+  token of the one before.
+  """
   logits = logits_blv[:, :-1]
   targets = tokens_bl[:, 1:]
-  weights = (mask_bl[:, 1:] * mask_bl[:, :-1]).astype(logits.dtype)
+  weights = mask_bl[:, 1:] * mask_bl[:, :-1]
+  if segment_ids_bl is not None:
+    weights = weights * (segment_ids_bl[:, 1:] == segment_ids_bl[:, :-1])
+  weights = weights.astype(logits.dtype)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   n = jnp.maximum(weights.sum(), 1.0)

@@ -24,7 +24,8 @@ from jaxstar.model.layers import upcast
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
-def visible_keys(q_idx, k_idx, k_valid=None, sliding_window: int | None = None):
+def visible_keys(q_idx, k_idx, k_valid=None, sliding_window: int | None = None,
+                 q_segment=None, k_segment=None):
   """Boolean mask [B, L, S] (or broadcastable) of the keys each query may attend to.
 
   Args:
@@ -32,6 +33,8 @@ def visible_keys(q_idx, k_idx, k_valid=None, sliding_window: int | None = None):
     k_idx: [B, S] or [S] sequence index of each key.
     k_valid: optional [B, S] bool, False for padding keys.
     sliding_window: a query at i sees keys j with i - window < j <= i (Mistral's convention).
+    q_segment, k_segment: optional [B, L] / [B, S] document ids of packed rows: a query sees
+      only the keys of its own document.
   """
   q = jnp.asarray(q_idx)[..., :, None]
   k = jnp.asarray(k_idx)[..., None, :]
@@ -40,7 +43,27 @@ def visible_keys(q_idx, k_idx, k_valid=None, sliding_window: int | None = None):
     mask &= (q - k) < sliding_window
   if k_valid is not None:
     mask &= jnp.asarray(k_valid, bool)[:, None, :]
+  if q_segment is not None:
+    mask &= jnp.asarray(q_segment)[:, :, None] == jnp.asarray(k_segment)[:, None, :]
   return mask
+
+
+def segment_positions(segment_ids_bl):
+  """Each token's position within its document, [B, L]: RoPE restarts at 0 per document.
+
+  A document is a run of equal ids in a packed row (`jaxstar.data` pack mode).
+  """
+  seg = jnp.asarray(segment_ids_bl)
+  idx = jnp.arange(seg.shape[1], dtype=jnp.int32)
+  starts = jnp.concatenate([jnp.ones_like(seg[:, :1], bool), seg[:, 1:] != seg[:, :-1]], axis=1)
+  return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+
+
+def same_segment_ahead(segment_ids_bl, k: int):
+  """[B, L] bool: x_{i+k} exists and belongs to x_i's document (always, without segments)."""
+  seg = jnp.asarray(segment_ids_bl)
+  ahead = jnp.concatenate([seg[:, k:], jnp.full_like(seg[:, :k], -1)], axis=1)
+  return ahead == seg
 
 
 def attention_scores(q_blhe, k_bske):

@@ -116,26 +116,42 @@ class Transformer(nn.Module):
                      preferred_element_type=upcast(dtype))
     return constrain(out, ("act_batch", "act_len", "act_vocab"))
 
-  def __call__(self, tokens_bl, input_mask_bl=None, positions_bl=None, return_hidden=False):
+  def text_attend(self, tokens_bl, input_mask_bl=None, segment_ids_bl=None, return_kv=False):
+    """(RoPE positions [B, L], `CausalAttend`) of a full causal pass over a text.
+
+    With `segment_ids_bl` (packed rows) a token attends only within its own document and its
+    position restarts at 0 there, so a packed row computes what its documents would alone.
+    """
+    b, l = tokens_bl.shape
+    idx = jnp.arange(l, dtype=jnp.int32)
+    if input_mask_bl is None:
+      input_mask_bl = jnp.ones((b, l), bool)
+    if segment_ids_bl is None:
+      positions = jnp.broadcast_to(idx, (b, l))
+      mask = attention.visible_keys(idx, idx, input_mask_bl, self.cfg.sliding_window)
+    else:
+      positions = attention.segment_positions(segment_ids_bl)
+      mask = attention.visible_keys(idx, idx, input_mask_bl, self.cfg.sliding_window,
+                                    segment_ids_bl, segment_ids_bl)
+    return positions, attention.CausalAttend(mask_bll=mask, return_kv=return_kv)
+
+  def __call__(self, tokens_bl, input_mask_bl=None, positions_bl=None, return_hidden=False,
+               segment_ids_bl=None):
     """Full causal forward.
 
     Args:
       tokens_bl: int token ids [B, L].
       input_mask_bl: optional bool [B, L], False at padding (padding keys are never attended).
-      positions_bl: optional RoPE positions [B, L]; defaults to 0..L-1.
+      positions_bl: optional RoPE positions [B, L]; defaults to 0..L-1 (per document with
+        segment ids).
       return_hidden: also return the final-norm hidden states.
+      segment_ids_bl: optional int [B, L] document ids of packed rows (see `text_attend`).
     Returns:
       logits [B, L, V] fp32, or (logits, hidden [B, L, D]).
     """
-    b, l = tokens_bl.shape
-    idx = jnp.arange(l, dtype=jnp.int32)
-    if positions_bl is None:
-      positions_bl = jnp.broadcast_to(idx, (b, l))
-    if input_mask_bl is None:
-      input_mask_bl = jnp.ones((b, l), bool)
-    mask = attention.visible_keys(idx, idx, input_mask_bl, self.cfg.sliding_window)
-    hidden, _ = self.run_layers(self.embed(tokens_bl), positions_bl,
-                                attention.CausalAttend(mask_bll=mask))
+    positions, attend = self.text_attend(tokens_bl, input_mask_bl, segment_ids_bl)
+    hidden, _ = self.run_layers(self.embed(tokens_bl),
+                                positions if positions_bl is None else positions_bl, attend)
     logits = self.logits(hidden)
     return (logits, hidden) if return_hidden else logits
 

@@ -16,15 +16,21 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxstar.model import attention
 from jaxstar.quietstar.config import QuietStarConfig
 
 
-def target_masks(mask_bl, talk: int):
-  """Real-target masks: base [B, L] (x_{i+1} real) and talk [B, L, A] (x_{i+k+1} real)."""
+def target_masks(mask_bl, talk: int, segment_ids_bl=None):
+  """Real-target masks: base [B, L] (x_{i+1} real) and talk [B, L, A] (x_{i+k+1} real).
+
+  In a packed row (`segment_ids_bl`) a target in the next document is not a real target.
+  """
   m = mask_bl.astype(jnp.float32)
-  l = m.shape[1]
   shifted = [jnp.concatenate([m[:, k:], jnp.zeros_like(m[:, :k])], axis=1)
              for k in range(1, talk + 1)]
+  if segment_ids_bl is not None:
+    shifted = [s * attention.same_segment_ahead(segment_ids_bl, k)
+               for k, s in enumerate(shifted, 1)]
   return shifted[0], jnp.stack(shifted, axis=-1)
 
 
@@ -90,9 +96,9 @@ def policy_loss(advantages_nl, thought_logprob_nls):
   return jnp.mean(-advantages_nl[..., None] * thought_logprob_nls[:, :keep])
 
 
-def quietstar_loss(out: dict, mask_bl, qs: QuietStarConfig):
+def quietstar_loss(out: dict, mask_bl, qs: QuietStarConfig, segment_ids_bl=None):
   """Total loss and metrics from the outputs of `QuietStarModel.__call__`."""
-  base_mask, talk_mask = target_masks(mask_bl, qs.n_ahead_talk)
+  base_mask, talk_mask = target_masks(mask_bl, qs.n_ahead_talk, segment_ids_bl)
   nll, base, talk = nll_loss(out["base_ce"], out["talk_ce"], base_mask, talk_mask,
                              qs.n_passes, qs.base_loss_weight)
   r = rewards(out["base_ce"], out["talk_ce"], talk_mask, qs.n_passes, qs.reward_reduction)
@@ -106,8 +112,8 @@ def quietstar_loss(out: dict, mask_bl, qs: QuietStarConfig):
   return nll + qs.policy_weight * pg, metrics
 
 
-def original_mode_loss(base_ce_bl, mask_bl):
+def original_mode_loss(base_ce_bl, mask_bl, segment_ids_bl=None):
   """The no-thought baseline (`original_mode`): plain next-token CE (0.5 CE + 0.5 CE)."""
-  base_mask, _ = target_masks(mask_bl, 1)
+  base_mask, _ = target_masks(mask_bl, 1, segment_ids_bl)
   base = masked_mean(base_ce_bl, base_mask)
   return base, dict(nll=base, base_loss=base)

@@ -142,13 +142,10 @@ class QuietStarModel(nn.Module):
     w = self.mixing(hidden, hidden)
     return logits, w, self.start_thought, self.end_thought
 
-  def base_ce(self, tokens_bl, mask_bl):
+  def base_ce(self, tokens_bl, mask_bl, segment_ids_bl=None):
     """Base-pass cross-entropies only, [B, L] (the no-thought baseline, `original_mode`)."""
-    b, l = tokens_bl.shape
-    idx = jnp.arange(l, dtype=jnp.int32)
-    mask = attention.visible_keys(idx, idx, mask_bl.astype(bool), self.cfg.sliding_window)
-    hidden, _ = self.lm.run_layers(self.lm.embed(tokens_bl), jnp.broadcast_to(idx, (b, l)),
-                                   attention.CausalAttend(mask))
+    positions, attend = self.lm.text_attend(tokens_bl, mask_bl.astype(bool), segment_ids_bl)
+    hidden, _ = self.lm.run_layers(self.lm.embed(tokens_bl), positions, attend)
     return token_ce(hidden, self._head(), jnp.roll(tokens_bl, -1, axis=1),
                     self.qs.remat_logits, self.cfg.dtype)
 
@@ -160,12 +157,15 @@ class QuietStarModel(nn.Module):
     """The lm_head matrix [D, V]."""
     return self.lm.embedding.T if self.cfg.tie_embeddings else self.lm.lm_head
 
-  def __call__(self, tokens_bl, mask_bl, rng, *, forced_thoughts=None, greedy=False,
-               return_logits=False):
+  def __call__(self, tokens_bl, mask_bl, rng, *, segment_ids_bl=None, forced_thoughts=None,
+               greedy=False, return_logits=False):
     """Runs the base pass, then the thought passes and the talk pass chunk by chunk.
 
     Args:
       tokens_bl: [B, L] int token ids; mask_bl: [B, L] real-token mask (right padding).
+      segment_ids_bl: optional [B, L] document ids of packed rows: every pass attends only
+        within the document, positions restart per document, and talk tokens past the end of
+        a document are padding, so a packed row computes what its documents would alone.
       rng: key for sampling thought tokens (T = 1, start/end excluded).
       forced_thoughts: optional [N, L, A'-3] thought tokens used instead of samples (tests).
       greedy: argmax thoughts instead of sampling.
@@ -184,25 +184,26 @@ class QuietStarModel(nn.Module):
     b, l = tokens_bl.shape
     p, talk = qs.n_passes, qs.n_ahead_talk
     valid = mask_bl.astype(bool)
-    idx = jnp.arange(l, dtype=jnp.int32)
     out = {}
 
     # Base pass: once per document; its keys/values are every branch's prefix.
-    prefix_mask = attention.visible_keys(idx, idx, valid, cfg.sliding_window)
-    base_hidden, prefix_kv = self.lm.run_layers(
-        self.lm.embed(tokens_bl), jnp.broadcast_to(idx, (b, l)),
-        attention.CausalAttend(prefix_mask, return_kv=True))
+    positions, attend = self.lm.text_attend(tokens_bl, valid, segment_ids_bl, return_kv=True)
+    base_hidden, prefix_kv = self.lm.run_layers(self.lm.embed(tokens_bl), positions, attend)
     out["base_ce"] = token_ce(base_hidden, self._head(), jnp.roll(tokens_bl, -1, axis=1),
                               qs.remat_logits, cfg.dtype)
     if return_logits:
       out.update(base_logits=self.lm.logits(base_hidden), base_hidden=base_hidden)
 
-    # Everything a branch at position i needs besides the prefix keys/values, [B, L, ...].
+    # Everything a branch at position i needs besides the prefix keys/values, [B, L, ...]:
+    # its text keys (prefix_mask), x_i's RoPE position, the teacher-forced talk tokens (padding
+    # past the end of the text or of x_i's document) and the targets.
     shifted = lambda x_bl, ks: jnp.stack([jnp.roll(x_bl, -k, axis=1) for k in ks], axis=2)
-    beyond = idx[:, None] + jnp.arange(1, talk + 1) >= l                  # [L, A]: past the text
+    segments = jnp.zeros((b, l), jnp.int32) if segment_ids_bl is None else segment_ids_bl
+    inside = jnp.stack([attention.same_segment_ahead(segments, k) for k in range(1, talk)]
+                       or [jnp.zeros((b, l), bool)], axis=2)[..., :talk - 1]  # [B, L, A-1]
     per_position = dict(
-        index=jnp.broadcast_to(idx, (b, l)), valid=valid,
-        ahead=(jnp.where(beyond[:, :talk - 1], self.pad_id, shifted(tokens_bl, range(1, talk)))
+        position=positions, valid=valid, prefix_mask=attend.mask_bll,
+        ahead=(jnp.where(inside, shifted(tokens_bl, range(1, talk)), self.pad_id)
                if talk > 1 else jnp.zeros((b, l, 0), jnp.int32)),
         targets=shifted(tokens_bl, range(1, talk + 1)),
         base_rolled=shifted(base_hidden, range(talk)))
@@ -227,7 +228,7 @@ class QuietStarModel(nn.Module):
     xs = jax.tree.map(to_chunks, per_position)
     chunk_ids = jnp.arange(num_chunks, dtype=jnp.int32)
     if not qs.chunk_positions:  # all positions at once, each pass differentiated on its own
-      ys = self.chunk_passes(prefix_kv, valid, rng, chunk_ids[0],
+      ys = self.chunk_passes(prefix_kv, rng, chunk_ids[0],
                              jax.tree.map(lambda x: x[0], xs), greedy=greedy,
                              return_logits=return_logits)
       ys = jax.tree.map(lambda y: y[None], ys)
@@ -235,7 +236,7 @@ class QuietStarModel(nn.Module):
       body = _chunk_with_block_grad(self._chunk_module(), greedy, return_logits)
       params = self.variables["params"]
       _, ys = jax.lax.scan(
-          lambda carry, x: (carry, body(params, prefix_kv, valid, rng, *x)), None,
+          lambda carry, x: (carry, body(params, prefix_kv, rng, *x)), None,
           (chunk_ids, xs))
     out.update(jax.tree.map(from_chunks, ys))
     return out
@@ -246,7 +247,7 @@ class QuietStarModel(nn.Module):
     return QuietStarModel(cfg, self.qs, self.start_id, self.end_id, self.init_id, self.pad_id,
                           parent=None)
 
-  def chunk_passes(self, prefix_kv, valid_bs, rng, chunk_id, x, *, greedy, return_logits):
+  def chunk_passes(self, prefix_kv, rng, chunk_id, x, *, greedy, return_logits):
     """The thought passes and the talk pass for a chunk of positions (see `__call__`).
 
     Pass by pass, as the official graph: the thought tokens are sampled without gradient, each
@@ -257,21 +258,21 @@ class QuietStarModel(nn.Module):
 
     Args:
       prefix_kv: the base pass's (k, v), each [layers, B, S, K, E] with S = L.
-      valid_bs: [B, S] real-token mask of the keys.
       rng: the step's sampling key; chunk_id: int32 scalar, this chunk's index.
-      x: dict of [B, C, ...] per-position inputs for the C positions of the chunk: index,
-        valid, ahead [.., A-1], targets [.., A], base_rolled [.., A, D], optional forced [.., P, S].
+      x: dict of [B, C, ...] per-position inputs for the C positions of the chunk: position
+        (RoPE position of x_i), valid, prefix_mask [.., S] (the text keys the branch sees),
+        ahead [.., A-1], targets [.., A], base_rolled [.., A, D], optional forced [.., P, T].
     Returns:
       dict of [N, C, ...] outputs (the per-position entries of `__call__`'s result).
     """
     qs, cfg = self.qs, self.cfg
-    b, c = x["index"].shape
+    b, c = x["valid"].shape
     p, s_n = qs.n_passes, qs.num_sampled
     n, d = b * p, cfg.embed_dim
     w_dv = self._head()
     ids = (self.start_id, self.end_id)
-    index = jnp.repeat(x["index"], p, axis=0)                           # [N, C]
-    run = self._runner(prefix_kv, valid_bs, x)
+    index = jnp.repeat(x["position"], p, axis=0)                        # [N, C]
+    run = self._runner(prefix_kv, x)
     forced = (x["forced"].transpose(0, 2, 1, 3).reshape(n, c, s_n)     # [B, C, P, S] -> [N, C, S]
               if "forced" in x else None)
 
@@ -298,20 +299,20 @@ class QuietStarModel(nn.Module):
     return self._outputs(x, thoughts, jnp.stack(logprobs, axis=-1), jnp.stack(thought_h, axis=2),
                          talk_h.reshape(n, c, talk, d), return_logits)
 
-  def block_outputs(self, prefix_kv, valid_bs, x, thoughts, *, return_logits):
+  def block_outputs(self, prefix_kv, x, thoughts, *, return_logits):
     """`chunk_passes`'s outputs from one teacher-forced block pass over the branch, given the
     thought tokens [N, C, S]: [start, t_1 .. t_S, end, x_{i+1} .. x_{i+A-1}] at RoPE positions
     i+1 .. i+A'-2+A, causal within the block. Given the tokens, the same function of the
     parameters as `chunk_passes`, as one pass of A'-2+A tokens per position: big matmuls and one
     weight gradient per chunk instead of one per pass. The backward of the chunked form."""
     qs, cfg = self.qs, self.cfg
-    b, c = x["index"].shape
+    b, c = x["valid"].shape
     n, d, s_n, talk = b * qs.n_passes, cfg.embed_dim, qs.num_sampled, qs.n_ahead_talk
     q = s_n + 1 + talk                                                  # = A' - 2 + A
     start = self._vector(self.start_thought, (n, c, 1, d))
     tokens = self.lm.embed(thoughts.reshape(n, -1)).reshape(n, c, s_n, d)
-    index = jnp.repeat(x["index"], qs.n_passes, axis=0)
-    hidden, _ = self._runner(prefix_kv, valid_bs, x)(
+    index = jnp.repeat(x["position"], qs.n_passes, axis=0)
+    hidden, _ = self._runner(prefix_kv, x)(
         jnp.concatenate([start, tokens, self._talk_inputs(x)], axis=2).reshape(n, c * q, d),
         self._positions(index, 1, q), q, [])
     hidden = hidden.reshape(n, c, q, d)
@@ -322,13 +323,10 @@ class QuietStarModel(nn.Module):
     logprob = thought_logprob(logits, thoughts, qs.reinforce_temperature)
     return self._outputs(x, thoughts, logprob, thought_h, hidden[:, :, s_n + 1:], return_logits)
 
-  def _runner(self, prefix_kv, valid_bs, x):
+  def _runner(self, prefix_kv, x):
     """run(x [N, C * Q, D], positions, Q, branch): the layers over a chunk's branch tokens."""
-    prefix_mask = attention.visible_keys(x["index"], jnp.arange(valid_bs.shape[1]), valid_bs,
-                                         self.cfg.sliding_window)      # [B, C, S]
-
     def run(x_ncd, positions_nc, block, branch):
-      attend = ThoughtAttend(prefix_mask, x["valid"], passes=self.qs.n_passes, block=block)
+      attend = ThoughtAttend(x["prefix_mask"], x["valid"], passes=self.qs.n_passes, block=block)
       return self.lm.run_layers(x_ncd, positions_nc, attend, (*prefix_kv, tuple(branch)))
     return run
 
@@ -340,7 +338,7 @@ class QuietStarModel(nn.Module):
 
   def _talk_inputs(self, x):
     """[end, x_{i+1}, ..., x_{i+A-1}] embedded, [N, C, A, D]."""
-    b, c = x["index"].shape
+    b, c = x["valid"].shape
     n, d, talk = b * self.qs.n_passes, self.cfg.embed_dim, self.qs.n_ahead_talk
     h = self._vector(self.end_thought, (n, c, 1, d))
     if talk == 1:
@@ -376,7 +374,7 @@ class QuietStarModel(nn.Module):
 
 
 def _chunk_with_block_grad(module: QuietStarModel, greedy: bool, return_logits: bool):
-  """f(params, prefix_kv, valid_bs, rng, chunk_id, x) -> `module.chunk_passes` outputs, the body
+  """f(params, prefix_kv, rng, chunk_id, x) -> `module.chunk_passes` outputs, the body
   of the scan over chunks: forward pass by pass (`chunk_passes`), backward by the block pass
   (`block_outputs`), recomputed from the inputs and the sampled tokens. The backward therefore
   holds one chunk's block activations, and the forward does no work twice."""
@@ -385,27 +383,27 @@ def _chunk_with_block_grad(module: QuietStarModel, greedy: bool, return_logits: 
                         **kwargs)
 
   @jax.custom_vjp
-  def f(params, prefix_kv, valid_bs, rng, chunk_id, x):
-    return apply(params, prefix_kv, valid_bs, rng, chunk_id, x,
+  def f(params, prefix_kv, rng, chunk_id, x):
+    return apply(params, prefix_kv, rng, chunk_id, x,
                  method=QuietStarModel.chunk_passes)
 
-  def fwd(params, prefix_kv, valid_bs, rng, chunk_id, x):
-    out = f(params, prefix_kv, valid_bs, rng, chunk_id, x)
-    return out, (params, prefix_kv, valid_bs, x, out["thoughts"])
+  def fwd(params, prefix_kv, rng, chunk_id, x):
+    out = f(params, prefix_kv, rng, chunk_id, x)
+    return out, (params, prefix_kv, x, out["thoughts"])
 
   def bwd(res, ct):
-    params, prefix_kv, valid_bs, x, thoughts = res
+    params, prefix_kv, x, thoughts = res
     float_x = {"base_rolled": x["base_rolled"]}
 
     def block(params, prefix_kv, float_x):
-      out = module.apply({"params": params}, prefix_kv, valid_bs, {**x, **float_x}, thoughts,
+      out = module.apply({"params": params}, prefix_kv, {**x, **float_x}, thoughts,
                          return_logits=return_logits, method=QuietStarModel.block_outputs)
       del out["thoughts"]
       return out
     _, vjp = jax.vjp(block, params, prefix_kv, float_x)
     d_params, d_prefix_kv, d_float_x = vjp({k: v for k, v in ct.items() if k != "thoughts"})
     d_x = {k: d_float_x.get(k) for k in x}
-    return d_params, d_prefix_kv, None, None, None, d_x
+    return d_params, d_prefix_kv, None, None, d_x
 
   f.defvjp(fwd, bwd)
   return f
