@@ -7,7 +7,6 @@ Both draw one token per row from softmax(logits); shapes are [rows, vocabulary].
 import platform
 
 import jax
-import jax.numpy as jnp
 
 from benchmarks import common
 from jaxstar.quietstar import thoughts

@@ -2,35 +2,71 @@
 
 Every field is overridable from the command line: `--config.optim.lr=1e-4`. An unknown field or a
 value of the wrong type is an error raised by ml_collections before anything runs.
+
+Defaults have one home each: the `model`, `quietstar` and `data` blocks are built from
+`jaxstar.model.ModelConfig` (and its variant table), `jaxstar.quietstar.QuietStarConfig` and
+`jaxstar.data.lm.DEFAULTS`, whose comments document each field; the fields below (run, optimizer,
+checkpoint) are documented here and read nowhere else with a default of their own.
 """
 from __future__ import annotations
+
+import dataclasses
 
 import ml_collections
 from ml_collections import config_dict
 
+from jaxstar.data import lm as lm_data
+from jaxstar.model import config as model_config_lib
+from jaxstar.quietstar import config as qs_config
 
-def parse_arg(arg: str | None, **defaults):
-  """Parses 'variant=tiny,runlocal' into a ConfigDict; flags without '=' become True."""
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+  """Parses 'variant=tiny,runlocal' into a ConfigDict over `defaults`.
+
+  'key=value' converts value to the default's type ('1'/'true'/'yes' for a bool); a bare 'key'
+  sets a bool default to True. An unknown key, or a bare key whose default is not a bool, is a
+  ValueError naming the known keys.
+  """
   result = ml_collections.ConfigDict(defaults)
   for item in filter(None, (arg or "").split(",")):
-    key, _, value = item.partition("=")
+    key, has_value, value = item.partition("=")
     if key not in defaults:
       raise ValueError(f"unknown config arg {key!r}; known: {sorted(defaults)}")
     kind = type(defaults[key])
-    result[key] = True if not _ else (value.lower() in ("1", "true", "yes") if kind is bool
-                                      else kind(value))
+    if not has_value:
+      if kind is not bool:
+        raise ValueError(f"config arg {key!r} needs a value: {key}=...")
+      result[key] = True
+    elif kind is bool:
+      result[key] = value.lower() in ("1", "true", "yes")
+    else:
+      result[key] = kind(value)
   return result
 
 
 def model_config(variant: str) -> ml_collections.ConfigDict:
-  """The `config.model` block: a variant from jaxstar.model.VARIANTS plus per-run overrides."""
-  return ml_collections.ConfigDict(dict(
-      variant=variant,                           # tiny | small | mistral_7b
-      dtype="float32",                           # matmul dtype (float32 | bfloat16)
-      remat_policy="none",                       # none | full | dots | dots_no_batch
-      vocab_size=config_dict.placeholder(int),   # None: the variant's (must cover the tokenizer)
-      sliding_window=config_dict.placeholder(int),  # None: the variant's
-  ))
+  """The `config.model` block: a variant of jaxstar.model.VARIANTS, and every `ModelConfig`
+  field as an override that is None (the variant's value) until set."""
+  base = model_config_lib.get_config(variant)
+  block = ml_collections.ConfigDict({"variant": variant})
+  for field in dataclasses.fields(model_config_lib.ModelConfig):
+    value = getattr(base, field.name)
+    block[field.name] = config_dict.placeholder(int if value is None else type(value))
+  return block
+
+
+def quietstar_config(**overrides) -> ml_collections.ConfigDict:
+  """The `config.quietstar` block: `QuietStarConfig`'s fields and defaults, then `overrides`."""
+  cfg = ml_collections.ConfigDict(dataclasses.asdict(qs_config.QuietStarConfig()))
+  cfg.update(overrides)
+  return cfg
+
+
+def lm_data_config(**overrides) -> ml_collections.ConfigDict:
+  """A `config.data` block: `jaxstar.data.lm.DEFAULTS` (documented there), then `overrides`."""
+  cfg = ml_collections.ConfigDict(dict(lm_data.DEFAULTS))
+  cfg.update(overrides)
+  return cfg
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -58,11 +94,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.seed = 0                       # parameter init and the train-state RNG
   config.tokenizer = "bytes"            # bytes | mistral | path/to/sentencepiece.model
   config.init_from = ""                 # a jaxstar workdir or a Hugging Face Mistral folder
+  config.require_init_from = False      # refuse to start without init_from (pretrained configs)
+  config.create_init_from = ""          # 'configs/x.py[:arg]': train init_from first if missing
   config.batch_size = 8                 # global batch (documents per optimizer step)
   config.num_steps = 100                # optimizer steps
   config.stop_at_step = 0               # stop (with a checkpoint) at this step; 0: run to the end
   config.log_every = 10                 # steps between metric writes
   config.eval_every = 100               # steps between evaluations (0: never)
+  config.eval_batches = 4               # held-out batches (config.eval_data) per evaluation
   config.nonfinite = "stop"             # on a non-finite loss: stop | skip (the update)
   config.mesh_shape = (-1, 1, 1)        # ('data', 'fsdp', 'tensor'); one -1 fills the rest
   config.dcn_data = 1                   # slices in a multi-slice run (data axis over DCN)
@@ -74,47 +113,3 @@ def base_config() -> ml_collections.ConfigDict:
   ))
   config.optim = optim_config()
   return config
-
-
-def lm_data_config(**overrides) -> ml_collections.ConfigDict:
-  """A `config.data` block for jaxstar.data.lm_dataset_from_config (see its docstring)."""
-  cfg = ml_collections.ConfigDict(dict(
-      source="synthetic",               # synthetic | jsonl | hf
-      paths="",                         # jsonl paths/globs (comma-separated) or an HF dataset
-      hf_split="train",                 # HF split
-      text_field="text",                # document field (jsonl, hf)
-      max_docs=0,                       # keep the first N documents (0: all)
-      skip_docs=0,                      # drop the first N documents first (held-out evals)
-      seq_len=256,                      # L
-      mode="crop_pad",                  # crop_pad (random window / right-pad) | pack
-      seed=42,                          # shuffle, crop offsets and synthetic corpus seed
-      num_epochs=0,                     # 0: repeat forever
-      skip_malformed=False,             # skip and count malformed jsonl rows instead of failing
-      segment_ids=False,                # pack mode: also emit segment ids
-      synthetic_docs=1000,              # documents in the synthetic corpus
-      synthetic_max_digits=5,           # operand digits in the synthetic corpus
-  ))
-  cfg.update(overrides)
-  return cfg
-
-
-def quietstar_config(**overrides) -> ml_collections.ConfigDict:
-  """The `config.quietstar` block (jaxstar.quietstar.config.QuietStarConfig; spec §4)."""
-  cfg = ml_collections.ConfigDict(dict(
-      n_ahead=12,                       # thought passes + 1: n_ahead - 3 sampled tokens
-      n_ahead_talk=4,                   # true tokens ahead scored after each thought
-      n_passes=2,                       # thoughts per position (adjacent document copies)
-      policy_weight=1e6,                # REINFORCE term weight
-      reinforce_temperature=3.0,        # temperature of the score-function log-probs
-      base_loss_weight=0.5,             # NLL = w * base CE + (1 - w) * talk CE
-      embedding_scale=100.0,            # start/end vectors stored / scale, used * scale
-      remove_negative_rewards=True,     # positive advantages only (official)
-      reward_reduction="sum",           # sum (official) | mean over the talk tokens
-      original_mode=False,              # the no-thought baseline (plain next-token CE)
-      greedy_eval_thoughts=False,       # argmax thoughts at eval (paper) vs T=1 (code)
-      remat_logits=False,               # recompute vocabulary logits in backward (saves memory)
-      chunk_positions=32,               # positions per scan step (0: one pass, not recomputed)
-      chunk_remat="dots_no_batch",      # layer remat inside a chunk's (recomputed) block pass
-  ))
-  cfg.update(overrides)
-  return cfg

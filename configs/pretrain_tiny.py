@@ -18,7 +18,6 @@ def get_config(arg=None):
   config.data = common.lm_data_config(seq_len=96, synthetic_docs=20000, synthetic_max_digits=2)
   config.eval_data = common.lm_data_config(seq_len=96, synthetic_docs=256, seed=1234,
                                            synthetic_max_digits=2)
-  config.eval_batches = 4               # held-out batches per evaluation
   config.batch_size = 32
   config.num_steps = 400
   config.log_every = 20

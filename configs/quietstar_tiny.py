@@ -2,12 +2,12 @@
 
   python launch/tpu.py --config=configs/quietstar_tiny.py --workdir=workdirs/quietstar_tiny
 
-Starts from the tiny LM pretrained by `configs/pretrain_tiny.py` in `config.init_from`; if that
-folder holds no finished pretraining, `config.pretrain` is run there first (or resumed).
-`--config.quietstar.original_mode=True` trains the no-thought baseline on the same data.
+Starts from the tiny LM pretrained by `configs/pretrain_tiny.py` in `config.init_from`
+(workdirs/pretrain_tiny). Run that first, or add `--config.create_init_from=configs/pretrain_tiny.py`
+to have it run (or resumed) there when it is not finished. `--config.quietstar.original_mode=True`
+trains the no-thought baseline on the same data.
 """
 from configs import common
-from configs import pretrain_tiny
 
 
 def get_config(arg=None):
@@ -17,7 +17,6 @@ def get_config(arg=None):
   config.model = common.model_config(args.variant)
   config.tokenizer = "bytes"
   config.init_from = "workdirs/pretrain_tiny"   # the pretrained tiny LM
-  config.pretrain = pretrain_tiny.get_config(arg)  # run into init_from when it is missing
   config.data = common.lm_data_config(seq_len=32, synthetic_docs=20000, seed=7,
                                       synthetic_max_digits=2)
   config.eval_data = common.lm_data_config(seq_len=32, synthetic_docs=512, seed=1234,

@@ -23,12 +23,17 @@ _STEPS = flags.DEFINE_integer("steps", 0, "Quiet-STaR / baseline steps (0: the c
 
 def main(argv):
   del argv
+  from configs import pretrain_tiny  # pylint: disable=g-import-not-at-top
   from configs import quietstar_tiny  # pylint: disable=g-import-not-at-top
   from jaxstar import stages  # pylint: disable=g-import-not-at-top
 
+  pretrained = os.path.join(_WORKDIR.value, "pretrain")
+  if not stages.finished(pretrained, pretrain_tiny.get_config().num_steps):
+    stages.run(pretrain_tiny.get_config(), pretrained)
+
   def config(original_mode: bool):
     c = quietstar_tiny.get_config()
-    c.init_from = os.path.join(_WORKDIR.value, "pretrain")
+    c.init_from = pretrained
     c.quietstar.original_mode = original_mode
     if _STEPS.value:
       c.num_steps = _STEPS.value

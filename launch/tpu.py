@@ -5,7 +5,9 @@
 
 Every host of a TPU pod slice runs the same command; `jax.distributed.initialize()` finds the
 others. Elsewhere (CPU or GPU clusters) pass --coordinator_address, --num_processes and
---process_id. Exit status: 0 when done, 143 after a SIGTERM (preemption) checkpoint.
+--process_id. Exit status: 0 when done, 143 after a SIGTERM (preemption) checkpoint, 2 on a
+user error (a bad flag or config value, a missing or empty file, a checkpoint or mesh that does
+not fit), printed as one line; --traceback (or JAXSTAR_TRACEBACK=1) shows its stack instead.
 """
 import os
 import sys
@@ -22,7 +24,25 @@ _COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of pr
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the run.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 0, "Emulate this many CPU devices (tests).")
+_TRACEBACK = flags.DEFINE_bool("traceback", False, "Show the stack of a user error too.")
 flags.mark_flags_as_required(["config", "workdir"])
+
+EXIT_USER_ERROR = 2
+
+
+def _fail(message: str):
+  print(f"jaxstar: error: {message}", file=sys.stderr)
+  sys.exit(EXIT_USER_ERROR)
+
+
+def _parse_flags(argv):
+  """absl's parsing, with a bad flag or config override reported as one line (exit 2)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    if "--traceback" in argv or os.environ.get("JAXSTAR_TRACEBACK"):
+      raise
+    _fail(" ".join(str(e).split()))
 
 
 def _start_jax():
@@ -39,9 +59,15 @@ def _start_jax():
 def main(argv):
   del argv
   _start_jax()
+  from jaxstar import errors  # pylint: disable=g-import-not-at-top
   from jaxstar import stages  # pylint: disable=g-import-not-at-top
-  stages.run(_CONFIG.value, _WORKDIR.value)
+  try:
+    stages.run(_CONFIG.value, _WORKDIR.value)
+  except errors.USER_ERRORS as e:
+    if _TRACEBACK.value or os.environ.get("JAXSTAR_TRACEBACK"):
+      raise
+    _fail(errors.one_line(e))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

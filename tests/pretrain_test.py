@@ -9,15 +9,14 @@ import time
 
 import jax
 import numpy as np
-import pytest
 
 from configs import pretrain_tiny
 from jaxstar import checkpoint
 from jaxstar import model as model_lib
 from jaxstar import pretrain
+from jaxstar import run_lib
 from jaxstar import sharding
 from jaxstar import tokenizer
-from jaxstar import train_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "tpu.py")
@@ -39,10 +38,10 @@ def _losses(workdir):
 
 
 def _final_params(config, workdir):
-  cfg = train_lib.model_config_from(config, tokenizer.get_tokenizer(config.tokenizer))
+  cfg = run_lib.model_config_from(config, tokenizer.get_tokenizer(config.tokenizer))
   mesh = sharding.make_mesh((-1, 1, 1))
   abstract = model_lib.abstract_params(cfg)
-  target = train_lib.with_shardings(abstract, sharding.shardings_for(abstract, mesh))
+  target = run_lib.with_shardings(abstract, sharding.shardings_for(abstract, mesh))
   return jax.device_get(checkpoint.restore_params(os.path.join(workdir, "checkpoints"), target))
 
 
@@ -88,7 +87,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     time.sleep(0.5)
   proc.send_signal(signal.SIGTERM)
   output = proc.communicate(timeout=300)[0]
-  assert proc.returncode == train_lib.Preemption.EXIT_PREEMPTED, output[-3000:]
+  assert proc.returncode == run_lib.Preemption.EXIT_PREEMPTED, output[-3000:]
   saved = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
                                   read_only=True).latest_step()
   assert saved is not None and saved >= 3

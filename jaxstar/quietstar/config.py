@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxstar.errors import UserError
 from jaxstar.model.config import REMAT_POLICIES
 
 REWARD_REDUCTIONS = ("sum", "mean")
@@ -41,20 +42,20 @@ class QuietStarConfig:
     if self.original_mode:
       return
     if self.n_ahead < 4:
-      raise ValueError(f"quietstar.n_ahead={self.n_ahead} must be >= 4 "
+      raise UserError(f"quietstar.n_ahead={self.n_ahead} must be >= 4 "
                        "(start + at least one sampled token + end + 1)")
     if self.n_ahead_talk < 1:
-      raise ValueError(f"quietstar.n_ahead_talk={self.n_ahead_talk} must be >= 1")
+      raise UserError(f"quietstar.n_ahead_talk={self.n_ahead_talk} must be >= 1")
     if self.n_passes < 1:
-      raise ValueError(f"quietstar.n_passes={self.n_passes} must be >= 1")
+      raise UserError(f"quietstar.n_passes={self.n_passes} must be >= 1")
     if self.chunk_positions < 0:
-      raise ValueError(f"quietstar.chunk_positions={self.chunk_positions} must be >= 0 "
+      raise UserError(f"quietstar.chunk_positions={self.chunk_positions} must be >= 0 "
                        "(0: one pass over all positions)")
     if self.chunk_remat not in REMAT_POLICIES:
-      raise ValueError(f"quietstar.chunk_remat={self.chunk_remat!r}; choose one of "
+      raise UserError(f"quietstar.chunk_remat={self.chunk_remat!r}; choose one of "
                        f"{REMAT_POLICIES}")
     if self.reward_reduction not in REWARD_REDUCTIONS:
-      raise ValueError(f"quietstar.reward_reduction={self.reward_reduction!r}; "
+      raise UserError(f"quietstar.reward_reduction={self.reward_reduction!r}; "
                        f"choose one of {REWARD_REDUCTIONS}")
 
   @property
@@ -65,5 +66,5 @@ class QuietStarConfig:
   def check_seq_len(self, seq_len: int) -> None:
     """Raises unless some position has all K talk targets inside a sequence of `seq_len`."""
     if not self.original_mode and seq_len < self.n_ahead_talk + 2:
-      raise ValueError(f"data.seq_len={seq_len} is too short for quietstar.n_ahead_talk="
+      raise UserError(f"data.seq_len={seq_len} is too short for quietstar.n_ahead_talk="
                        f"{self.n_ahead_talk}: need at least n_ahead_talk + 2 tokens")
