@@ -31,8 +31,13 @@ EXIT_USER_ERROR = 2
 
 
 def _fail(message: str):
+  """Prints the one line and exits 2 at once: by then the run has closed its checkpointer and
+  writer, and a normal interpreter exit lets orbax's idle threads print tracebacks about their
+  closed event loop after a failed restore, burying the line."""
   print(f"jaxstar: error: {message}", file=sys.stderr)
-  sys.exit(EXIT_USER_ERROR)
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(EXIT_USER_ERROR)  # pylint: disable=protected-access
 
 
 def _parse_flags(argv):
