@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test clean-venv
+.PHONY: demo test test-fast clean-venv
 
 $(VENV)/.installed: setup.py
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,7 +14,10 @@ demo: $(VENV)/.installed
 	$(BIN)/python launch/demo.py --workdir=workdirs/demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=15 tests
+
+test-fast: $(VENV)/.installed  # everything but the long end-to-end runs
+	$(BIN)/python -m pytest -q --durations=15 -m 'not slow' tests
 
 clean-venv:
 	rm -rf $(VENV)

@@ -45,6 +45,7 @@ def test_user_errors_are_one_line_with_status_2(tmp_path, flags, message):
   assert message.format(tmp=tmp_path) in line
 
 
+@pytest.mark.slow
 def test_checkpoint_that_does_not_fit_the_model(tmp_path):
   config = pretrain_tiny.get_config()
   config.update_from_flattened_dict({"batch_size": 8, "data.seq_len": 16, "eval_every": 0,

@@ -20,6 +20,7 @@ def _pretrain_config(**kw):
   return c
 
 
+@pytest.mark.slow
 def test_trainer_resume_keeps_thought_vectors_and_mixing_head(tmp_path):
   from jaxstar import checkpoint  # pylint: disable=g-import-not-at-top
   from jaxstar import run_lib  # pylint: disable=g-import-not-at-top
@@ -97,6 +98,7 @@ def test_missing_init_from_is_an_error_unless_asked_to_create_it(tmp_path):
     stages.run(config, str(tmp_path / "qs"))
 
 
+@pytest.mark.slow
 def test_create_init_from_trains_it_first_then_runs_the_stage(tmp_path):
   from jaxstar import stages  # pylint: disable=g-import-not-at-top
   short = tmp_path / "short_pretrain.py"
