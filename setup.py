@@ -15,8 +15,8 @@ INSTALL_REQUIRES = [
     "sentencepiece==0.2.3",
     "mistral-common==1.13.1",  # ships the Mistral-7B v0.1 tokenizer; pins numpy<2.4
     "numpy<2.4",
-    "safetensors",
-    "chex",
+    # No `safetensors`: jaxstar.model.hf_io reads and writes the format itself (see its
+    # docstring). No `chex`: only the tests use it (assert_max_traces), from the test extra.
     "tqdm",
     "tensorboardX",
     "absl-py",
@@ -24,6 +24,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS_REQUIRE = {
     # Parity tests against Hugging Face transformers need torch; 2.13.0 is the CPU wheel.
+    # safetensors: the tests write reference checkpoints with transformers' own writer.
     "test": [
         "pytest",
         "chex",

@@ -5,12 +5,12 @@
 Cases (CASES, most wanted first; each prints one JSON line as it finishes and rewrites --out; a
 case that would start after --budget_s seconds is skipped, so a time-limited run keeps its work):
   small       the model of benchmarks/quietstar_step (h=256, 4 layers, vocab 4096), fp32,
-              batch 4 x 256, K=4, P=2: the plain step, A = 4, 8, 12, 16 with chunk_positions 32,
-              and A = 12 with chunk_positions 256 (one recomputed chunk) and 0 (one pass, model
-              remat only);
+              batch 4 x 256, A=4, P=2: the plain step, n_ahead = 4, 8, 12, 16 with chunk_positions
+              32, and n_ahead = 12 with chunk_positions 256 (one recomputed chunk) and 0 (one pass,
+              model remat only);
   mistral_4l  Mistral-7B-v0.1's layer shapes (h=4096, 32/8 heads, ffn 14336) with 4 of its 32
               layers and the 32002-token vocabulary, bf16 matmuls over fp32 weights, batch 8 x 256
-              (the paper's run), K=4, P=2: the plain step and A = 12 with chunk_positions 32, 128.
+              (the paper's run), A=4, P=2: the plain step and n_ahead = 12 with chunk_positions 32, 128.
 Per case: median step time, analytic model FLOPs (benchmarks/quietstar_step's count: matmuls only,
 backward = 2x forward, recomputation not counted), achieved TFLOP/s and that rate as a share of
 the plain step's on the same model, the compiled step's XLA temp memory and argument memory
@@ -100,7 +100,7 @@ def main():
   print(f"# {head['device']} ({head['platform']}), jax {head['jax']}; matmul "
         f"{head['fp32_matmul_tflops']:.0f} TFLOP/s fp32 (4096^3), "
         f"{head['bf16_matmul_tflops']:.0f} TFLOP/s bf16 (8192^3)")
-  common.print_table(("model", "dtype", "A", "chunk", "step ms", "TFLOP/step", "TFLOP/s",
+  common.print_table(("model", "dtype", "n_ahead", "chunk", "step ms", "TFLOP/step", "TFLOP/s",
                       "of plain", "XLA temp MiB", "args MiB", "compile s"), rows)
 
 

@@ -3,8 +3,8 @@
   python -m benchmarks.quietstar_step [--ahead 4,8,12,16 --remat full --chunk 32
                                        --chunk_remat dots_no_batch]
 
-Model: h=256, 4 layers, 8 query / 4 kv heads, ffn 512, vocab 4096; batch 4 x L=256, K=4
-talk tokens, P=2 thoughts per position. Each case runs in its own process. Memory, per case:
+Model: h=256, 4 layers, 8 query / 4 kv heads, ffn 512, vocab 4096; batch 4 x L=256, A=4
+talk tokens, P=2 thoughts per position, against n_ahead (T = n_ahead - 3 sampled tokens). Each case runs in its own process. Memory, per case:
   XLA temp     the compiled step's temporary buffers (what an accelerator would hold beyond
                parameters, optimizer state and batch);
   step RSS     peak resident memory of the process while it runs the step: the high-water mark
@@ -188,7 +188,7 @@ def main():
                  f"{rate:.1f}", f"{beside:.1f}", f"{100 * rate / beside:.0f}%",
                  f"{c['temp_bytes'] / 2**20:.0f}", f"{c['step_rss'] / 2**20:.0f}",
                  f"{c['peak_rss'] / 2**20:.0f}"))
-  common.print_table(("A (n_ahead)", "sampled", "step s", "GFLOP/step", "GFLOP/s",
+  common.print_table(("n_ahead", "sampled", "step s", "GFLOP/step", "GFLOP/s",
                       "plain GFLOP/s", "of plain step", "XLA temp MiB", "step RSS MiB",
                       "peak RSS MiB"), rows)
   a = np.array([c["ahead"] for c in cases], float)
@@ -198,8 +198,8 @@ def main():
     slope, intercept = np.polyfit(a, y, 1)
     quad = np.polyfit(a, y, 2)[0] if len(a) > 2 else 0.0
     resid = np.max(np.abs(np.polyval([slope, intercept], a) - y))
-    print(f"# {name} vs A: linear fit {intercept:.0f} + {slope:.1f} * A MiB "
-          f"(max residual {resid:.1f} MiB; quadratic coefficient {quad:.2f} MiB/A^2)")
+    print(f"# {name} vs n_ahead: linear fit {intercept:.0f} + {slope:.1f} * n_ahead MiB "
+          f"(max residual {resid:.1f} MiB; quadratic coefficient {quad:.2f} MiB/n_ahead^2)")
 
 
 if __name__ == "__main__":

@@ -161,7 +161,8 @@ def test_keep_latest_and_should_save(tmp_path, meshes):
   ckpt.close()
   assert ckpt.all_steps() == [6, 7]
   assert ckpt.latest_step() == 7
-  assert not checkpoint.Checkpointer(str(tmp_path), save_every=0).should_save(0)
+  with checkpoint.Checkpointer(str(tmp_path), save_every=0) as never:
+    assert not never.should_save(0)
   with pytest.raises(ValueError, match="keep"):
     checkpoint.Checkpointer(str(tmp_path), save_every=1, keep=0)
 

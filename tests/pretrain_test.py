@@ -97,8 +97,9 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
   proc.send_signal(signal.SIGTERM)
   output = proc.communicate(timeout=300)[0]
   assert proc.returncode == run_lib.Preemption.EXIT_PREEMPTED, output[-3000:]
-  saved = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
-                                  read_only=True).latest_step()
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                             read_only=True) as ckpt:
+    saved = ckpt.latest_step()
   assert saved is not None and saved >= 3
   assert max(_losses(workdir)) == saved
   summary = pretrain.train_and_evaluate(_config(num_steps=saved + 2), workdir)

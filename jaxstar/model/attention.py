@@ -111,20 +111,20 @@ class CausalAttend:
 
 @flax.struct.dataclass
 class CachedAttend:
-  """Attention of T new tokens against a per-layer KV cache that they are first written into.
+  """Attention of Q new tokens against a per-layer KV cache that they are first written into.
 
   Attributes:
     index: int32 scalar, the cache slot of the first new token.
-    mask_bts: [B, T, S] bool visibility of every cache slot for every new token.
+    mask_bqs: [B, Q, S] bool visibility of every cache slot for every new token.
   `layer_state` is the layer's `(k_bske, v_bske)` cache; the updated cache is returned.
   """
   index: jax.Array
-  mask_bts: jax.Array
+  mask_bqs: jax.Array
 
   def __call__(self, q, k, v, layer_state):
     cache_k, cache_v = layer_state
     start = (0, self.index, 0, 0)
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-    out = dot_attention(q, cache_k, cache_v, self.mask_bts)
+    out = dot_attention(q, cache_k, cache_v, self.mask_bqs)
     return out, (cache_k, cache_v)

@@ -1,11 +1,16 @@
 """A Mistral-style decoder in Flax Linen, applied to an explicit params pytree.
 
-Axis letters used in names, einsum strings and shape comments throughout jaxstar:
-  B batch (documents or rows)     L sequence length (queries)     S key length / cache slots
+Axis letters used in names, einsum strings and shape comments throughout jaxstar (this is the
+one table; code, docstrings, configs and the README use it):
+  B batch (documents)             L sequence length (queries)     S key length / cache slots
   D model width (embed_dim)       H query heads                   K key/value heads
   G query heads per kv head       E features per head             F SwiGLU hidden width
-  V vocabulary                    T thought length                A tokens ahead (talk)
-  P thoughts per position
+  V vocabulary                    Q new tokens per row (or per position) in one pass
+Quiet-STaR, with the config field that sets each:
+  T sampled thought tokens per position: n_ahead - 3 (the official n_ahead = T + 3 counts the
+    start and end tokens and the first talk step)
+  A talk tokens: true tokens ahead scored after each thought (n_ahead_talk)
+  P thoughts per position (n_passes)      N = B * P rows      C positions per chunk
 
 Parameters (all float32 by default; layer parameters carry a leading layer axis from `nn.scan`):
   embedding [V, D]; layers/{attn_norm,mlp_norm}/scale [D]; layers/attn/{q_proj [D, H, E],
@@ -155,30 +160,30 @@ class Transformer(nn.Module):
     logits = self.logits(hidden)
     return (logits, hidden) if return_hidden else logits
 
-  def decode(self, tokens_bt, cache: KVCache, token_mask_bt=None, positions_bt=None):
-    """Feeds T tokens through the KV cache: a prefill (T = prompt length) or a decode step (T = 1).
+  def decode(self, tokens_bq, cache: KVCache, token_mask_bq=None, positions_bq=None):
+    """Feeds Q tokens through the KV cache: a prefill (Q = prompt length) or a decode step (Q = 1).
 
     Args:
-      tokens_bt: int ids [B, T] written to slots cache.index .. cache.index + T - 1.
+      tokens_bq: int ids [B, Q] written to slots cache.index .. cache.index + Q - 1.
       cache: the `KVCache` (its buffers can be donated by the caller's jit).
-      token_mask_bt: optional bool [B, T], False for padding tokens (never attended later).
-      positions_bt: optional RoPE positions [B, T]; defaults to the slot indices.
+      token_mask_bq: optional bool [B, Q], False for padding tokens (never attended later).
+      positions_bq: optional RoPE positions [B, Q]; defaults to the slot indices.
     Returns:
-      (logits [B, T, V] fp32, updated cache).
+      (logits [B, Q, V] fp32, updated cache).
     """
-    b, t = tokens_bt.shape
-    q_idx = cache.index + jnp.arange(t, dtype=jnp.int32)
-    if positions_bt is None:
-      positions_bt = jnp.broadcast_to(q_idx, (b, t))
-    if token_mask_bt is None:
-      token_mask_bt = jnp.ones((b, t), bool)
-    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask_bt.astype(bool), (0, cache.index))
+    b, q = tokens_bq.shape
+    q_idx = cache.index + jnp.arange(q, dtype=jnp.int32)
+    if positions_bq is None:
+      positions_bq = jnp.broadcast_to(q_idx, (b, q))
+    if token_mask_bq is None:
+      token_mask_bq = jnp.ones((b, q), bool)
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask_bq.astype(bool), (0, cache.index))
     k_idx = jnp.arange(cache.max_len, dtype=jnp.int32)
     mask = attention.visible_keys(q_idx, k_idx, valid, self.cfg.sliding_window)
-    attend = attention.CachedAttend(index=cache.index, mask_bts=mask)
-    hidden, (k, v) = self.run_layers(self.embed(tokens_bt), positions_bt, attend,
+    attend = attention.CachedAttend(index=cache.index, mask_bqs=mask)
+    hidden, (k, v) = self.run_layers(self.embed(tokens_bq), positions_bq, attend,
                                      (cache.k, cache.v))
-    new_cache = KVCache(k=k, v=v, valid=valid, index=cache.index + t)
+    new_cache = KVCache(k=k, v=v, valid=valid, index=cache.index + q)
     return self.logits(hidden), new_cache
 
 

@@ -13,20 +13,21 @@ REWARD_REDUCTIONS = ("sum", "mean")
 class QuietStarConfig:
   """Static settings of the thought passes and the losses.
 
-  Naming follows the official code: `n_ahead` counts start + sampled + end + 1, so a thought has
-  `n_ahead - 3` sampled tokens; `n_ahead_talk` is the number of true tokens scored after it.
+  Field names follow the official code; the letters are jaxstar's axis letters (the table in
+  `jaxstar/model/transformer.py`): `n_ahead` = T + 3 counts start + T sampled tokens + end + 1,
+  `n_ahead_talk` = A true tokens scored after each thought, `n_passes` = P.
   """
-  n_ahead: int = 12                 # A: thought passes + 1 (A - 3 sampled tokens)
-  n_ahead_talk: int = 4             # K: true tokens ahead scored by the non-myopic loss
+  n_ahead: int = 12                 # T + 3: T = n_ahead - 3 sampled thought tokens
+  n_ahead_talk: int = 4             # A: true tokens ahead scored by the non-myopic loss
   n_passes: int = 2                 # P: thoughts sampled per position (copies of each document)
   policy_weight: float = 1e6        # weight of the REINFORCE term
   reinforce_temperature: float = 3.0  # temperature of the score-function log-probabilities
   base_loss_weight: float = 0.5     # NLL = w * base CE + (1 - w) * mean talk CE
   embedding_scale: float = 100.0    # start/end vectors are stored / this and used * this
   remove_negative_rewards: bool = True  # keep only positive advantages (official)
-  reward_reduction: str = "sum"     # sum (official) | mean over the K talk tokens
+  reward_reduction: str = "sum"     # sum (official) | mean over the A talk tokens
   original_mode: bool = False       # the no-thought baseline: plain next-token CE
-  greedy_eval_thoughts: bool = False  # eval thoughts by argmax (paper) instead of T=1 (code)
+  greedy_eval_thoughts: bool = False  # eval thoughts by argmax (paper), not temperature 1
   remat_logits: bool = False        # recompute [.., V] logits in the backward pass instead of
                                     # keeping their softmax (memory vs. one more lm_head matmul)
   # The thought and talk passes run as a scan over chunks of positions; the backward pass
@@ -60,11 +61,11 @@ class QuietStarConfig:
 
   @property
   def num_sampled(self) -> int:
-    """Sampled thought tokens per position: A - 3."""
+    """T, the sampled thought tokens per position: n_ahead - 3."""
     return self.n_ahead - 3
 
   def check_seq_len(self, seq_len: int) -> None:
-    """Raises unless some position has all K talk targets inside a sequence of `seq_len`."""
+    """Raises unless some position has all A talk targets inside a sequence of `seq_len`."""
     if not self.original_mode and seq_len < self.n_ahead_talk + 2:
       raise UserError(f"data.seq_len={seq_len} is too short for quietstar.n_ahead_talk="
                        f"{self.n_ahead_talk}: need at least n_ahead_talk + 2 tokens")

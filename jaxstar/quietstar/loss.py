@@ -1,12 +1,12 @@
 """Quiet-STaR losses from per-token quantities (spec/quietstar.md §3), as pure functions.
 
 Shapes: B documents, P copies each (rows n = b * P + p, adjacent), N = B * P, L positions,
-A = n_ahead_talk talk steps, S = sampled thought tokens (n_ahead - 3).
+A = n_ahead_talk talk steps, T = sampled thought tokens (n_ahead - 3).
 
   NLL     = w_base * mean(base CE) + (1 - w_base) * mean_k mean(talk CE_k)
   reward  R[n, i] = sum_k (base CE[i + k] - talk CE_k[n, i])    (detached; i <= L - 2 - A)
   advantage = R - mean over the P copies of the same document and position, positive part
-  policy  = mean_s mean_{n, i <= L-2-A} (-advantage * logprob_s)
+  policy  = mean_t mean_{n, i <= L-2-A} (-advantage * logprob_s)
   total   = NLL + policy_weight * policy
 Means over targets count only real (non-padding) targets; the policy mean counts every row and
 every position i <= L - 2 - A, padded or not, as the official code does.
@@ -85,15 +85,15 @@ def advantages(rewards_nl, passes: int, positive_only: bool = True):
   return jax.lax.stop_gradient(adv)
 
 
-def policy_loss(advantages_nl, thought_logprob_nls):
-  """mean_s mean_{n, i} (-advantage[n, i] * logprob[n, i, s]) over the scored positions.
+def policy_loss(advantages_nl, thought_logprob_nlt):
+  """mean_t mean_{n, i} (-advantage[n, i] * logprob[n, i, s]) over the scored positions.
 
   Args:
     advantages_nl: [N, L'] with L' = L - 1 - A scored positions.
-    thought_logprob_nls: [N, L, S] log-probabilities (the first L' positions are used).
+    thought_logprob_nlt: [N, L, T] log-probabilities (the first L' positions are used).
   """
   keep = advantages_nl.shape[1]
-  return jnp.mean(-advantages_nl[..., None] * thought_logprob_nls[:, :keep])
+  return jnp.mean(-advantages_nl[..., None] * thought_logprob_nlt[:, :keep])
 
 
 def quietstar_loss(out: dict, mask_bl, qs: QuietStarConfig, segment_ids_bl=None):

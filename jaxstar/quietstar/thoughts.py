@@ -1,15 +1,15 @@
 """Thoughts at every position, in parallel (spec/quietstar.md §1.3-1.7).
 
-Axis letters as in `jaxstar/model/transformer.py`; here also N = B * P rows (the P copies of a
-document are adjacent: row n = b * P + p), T = thought tokens so far in a branch, Q = tokens per
-position in one pass (1 while thinking, A = n_ahead_talk in the talk pass), and `i` the text
-position a branch hangs off.
+Axis letters as in the table of `jaxstar/model/transformer.py`: T = n_ahead - 3 sampled thought
+tokens, A = n_ahead_talk talk tokens, P copies of each document (adjacent: row n = b * P + p),
+N = B * P rows, C positions per chunk, Q tokens per position in one pass (1 while thinking, A in
+the talk pass), and `i` the text position (RoPE position within its document) a branch hangs off.
 
-Pass schedule, with A' = n_ahead (the official name):
+Pass schedule:
   base pass            text x_i at position i, once per document (not once per copy);
   thought pass s=1     start vector at i + 1;  its logits sample t_1
-  thought pass s       t_{s-1} at i + s (s = 2 .. A'-2); logits sample t_s up to s = A'-3
-  talk pass            [end, x_{i+1}, ..., x_{i+A-1}] at i + A'-1 + k, one block per position.
+  thought pass s       t_{s-1} at i + s (s = 2 .. T+1); logits sample t_s up to s = T
+  talk pass            [end, x_{i+1}, ..., x_{i+A-1}] at i + T + 2 + k, one block per position.
 
 Attention is the official "causal block + one diagonal block per pass" mask computed cheaply:
 the base pass's keys/values are kept once per document; each query is scored against its causal
@@ -23,7 +23,7 @@ C = `chunk_positions` positions at a time, in a scan over chunks. The forward pa
 runs the passes above in order, without gradient (every pass keeps only its new keys/values, one
 [layers, N, C, K, E] pair per pass). Its backward pass (`_chunk_with_block_grad`) recomputes the
 chunk from its inputs and the sampled tokens as one teacher-forced block per position,
-[start, t_1 .. t_S, end, x_{i+1} ..] causal within itself: given the tokens, the same function
+[start, t_1 .. t_T, end, x_{i+1} ..] causal within itself: given the tokens, the same function
 of the parameters, so the same gradients. The backward therefore holds one chunk's block
 activations (linear in the thought length), its matmuls are big, and every weight gets one
 gradient per chunk instead of one per pass (XLA keeps all per-pass weight gradients alive at once
@@ -166,19 +166,19 @@ class QuietStarModel(nn.Module):
       segment_ids_bl: optional [B, L] document ids of packed rows: every pass attends only
         within the document, positions restart per document, and talk tokens past the end of
         a document are padding, so a packed row computes what its documents would alone.
-      rng: key for sampling thought tokens (T = 1, start/end excluded).
-      forced_thoughts: optional [N, L, A'-3] thought tokens used instead of samples (tests).
+      rng: key for sampling thought tokens (temperature 1, start/end excluded).
+      forced_thoughts: optional [N, L, T] thought tokens used instead of samples (tests).
       greedy: argmax thoughts instead of sampling.
       return_logits: also return the full logits and hidden states (tests; costs memory).
     Returns:
       dict with
         base_ce [B, L]: CE of x_{i+1} under the base logits at i (0 at i = L-1),
         talk_ce [N, L, A]: CE of x_{i+k+1} under the mixed logits of talk step k,
-        thought_logprob [N, L, A'-3]: log-probability of each sampled thought token at the
+        thought_logprob [N, L, T]: log-probability of each sampled thought token at the
           REINFORCE temperature (with gradient),
-        thoughts [N, L, A'-3], mix_weight [N, L, A]; with return_logits also
+        thoughts [N, L, T], mix_weight [N, L, A]; with return_logits also
         base_logits [B, L, V], base_hidden [B, L, D], talk_hidden [N, L, A, D],
-        thought_logits [N, L, A'-3, V] (start/end masked) and talk_logits [N, L, A, V].
+        thought_logits [N, L, T, V] (start/end masked) and talk_logits [N, L, A, V].
     """
     qs, cfg = self.qs, self.cfg
     b, l = tokens_bl.shape
@@ -267,19 +267,19 @@ class QuietStarModel(nn.Module):
     """
     qs, cfg = self.qs, self.cfg
     b, c = x["valid"].shape
-    p, s_n = qs.n_passes, qs.num_sampled
+    p, t_n = qs.n_passes, qs.num_sampled
     n, d = b * p, cfg.embed_dim
     w_dv = self._head()
     ids = (self.start_id, self.end_id)
     index = jnp.repeat(x["position"], p, axis=0)                        # [N, C]
     run = self._runner(prefix_kv, x)
-    forced = (x["forced"].transpose(0, 2, 1, 3).reshape(n, c, s_n)     # [B, C, P, S] -> [N, C, S]
+    forced = (x["forced"].transpose(0, 2, 1, 3).reshape(n, c, t_n)     # [B, C, P, T] -> [N, C, T]
               if "forced" in x else None)
 
     rng = jax.random.fold_in(rng, chunk_id)
     branch, tokens, logprobs, thought_h = [], [], [], []
     h = self._vector(self.start_thought, (n, c, d))
-    for s in range(1, s_n + 1):
+    for s in range(1, t_n + 1):
       hidden, kv = run(h, index + s, 1, branch)
       branch.append(kv)
       thought_h.append(hidden)
@@ -291,37 +291,37 @@ class QuietStarModel(nn.Module):
       h = self.lm.embed(token)
     thoughts = jax.lax.stop_gradient(jnp.stack(tokens, axis=-1))
 
-    _, kv = run(h, index + s_n + 1, 1, branch)           # t_S: only its keys/values are used
+    _, kv = run(h, index + t_n + 1, 1, branch)           # t_T: only its keys/values are used
     branch.append(kv)
     talk = qs.n_ahead_talk
     talk_h, _ = run(self._talk_inputs(x).reshape(n, c * talk, d),
-                    self._positions(index, s_n + 2, talk), talk, branch)
+                    self._positions(index, t_n + 2, talk), talk, branch)
     return self._outputs(x, thoughts, jnp.stack(logprobs, axis=-1), jnp.stack(thought_h, axis=2),
                          talk_h.reshape(n, c, talk, d), return_logits)
 
   def block_outputs(self, prefix_kv, x, thoughts, *, return_logits):
     """`chunk_passes`'s outputs from one teacher-forced block pass over the branch, given the
-    thought tokens [N, C, S]: [start, t_1 .. t_S, end, x_{i+1} .. x_{i+A-1}] at RoPE positions
-    i+1 .. i+A'-2+A, causal within the block. Given the tokens, the same function of the
-    parameters as `chunk_passes`, as one pass of A'-2+A tokens per position: big matmuls and one
+    thought tokens [N, C, T]: [start, t_1 .. t_T, end, x_{i+1} .. x_{i+A-1}] at RoPE positions
+    i+1 .. i+T+1+A, causal within the block. Given the tokens, the same function of the
+    parameters as `chunk_passes`, as one pass of T+1+A tokens per position: big matmuls and one
     weight gradient per chunk instead of one per pass. The backward of the chunked form."""
     qs, cfg = self.qs, self.cfg
     b, c = x["valid"].shape
-    n, d, s_n, talk = b * qs.n_passes, cfg.embed_dim, qs.num_sampled, qs.n_ahead_talk
-    q = s_n + 1 + talk                                                  # = A' - 2 + A
+    n, d, t_n, talk = b * qs.n_passes, cfg.embed_dim, qs.num_sampled, qs.n_ahead_talk
+    q = t_n + 1 + talk                                                  # Q = T + 1 + A
     start = self._vector(self.start_thought, (n, c, 1, d))
-    tokens = self.lm.embed(thoughts.reshape(n, -1)).reshape(n, c, s_n, d)
+    tokens = self.lm.embed(thoughts.reshape(n, -1)).reshape(n, c, t_n, d)
     index = jnp.repeat(x["position"], qs.n_passes, axis=0)
     hidden, _ = self._runner(prefix_kv, x)(
         jnp.concatenate([start, tokens, self._talk_inputs(x)], axis=2).reshape(n, c * q, d),
         self._positions(index, 1, q), q, [])
     hidden = hidden.reshape(n, c, q, d)
-    # Slot s-1 (start, t_1, ...) predicts t_s; slots S+1 .. are the talk tokens.
-    thought_h = hidden[:, :, :s_n]
+    # Slot s-1 (start, t_1, ...) predicts t_s; slots T+1 .. are the talk tokens.
+    thought_h = hidden[:, :, :t_n]
     logits = mask_thought_ids(_logits(thought_h, self._head(), jnp.dtype(cfg.dtype)),
                               (self.start_id, self.end_id))
     logprob = thought_logprob(logits, thoughts, qs.reinforce_temperature)
-    return self._outputs(x, thoughts, logprob, thought_h, hidden[:, :, s_n + 1:], return_logits)
+    return self._outputs(x, thoughts, logprob, thought_h, hidden[:, :, t_n + 1:], return_logits)
 
   def _runner(self, prefix_kv, x):
     """run(x [N, C * Q, D], positions, Q, branch): the layers over a chunk's branch tokens."""
@@ -347,10 +347,10 @@ class QuietStarModel(nn.Module):
     return jnp.concatenate([h, self.lm.embed(ahead).reshape(n, c, talk - 1, d)], axis=2)
 
   def _outputs(self, x, thoughts, logprob, thought_h, talk_h, return_logits):
-    """The per-position outputs from the thoughts' log-probabilities [N, C, S], the thought
-    states [N, C, S, D] (state s-1 predicts t_s) and the talk states [N, C, A, D]."""
+    """The per-position outputs from the thoughts' log-probabilities [N, C, T], the thought
+    states [N, C, T, D] (state s-1 predicts t_s) and the talk states [N, C, A, D]."""
     qs, cfg = self.qs, self.cfg
-    n, c, s_n, d = thought_h.shape
+    n, c, t_n, d = thought_h.shape
     w_dv = self._head()
     rows = lambda a: jnp.repeat(a, qs.n_passes, axis=0)                # [B, ...] -> [N, ...]
     out = {"thoughts": thoughts, "thought_logprob": logprob}
@@ -362,7 +362,7 @@ class QuietStarModel(nn.Module):
     out["mix_weight"] = w[..., 0]
     if return_logits:
       out["thought_logits"] = self.thought_logits(
-          thought_h.reshape(n, c * s_n, d)).reshape(n, c, s_n, -1)
+          thought_h.reshape(n, c * t_n, d)).reshape(n, c, t_n, -1)
       out["talk_logits"] = self.lm.logits(h_mix.reshape(n, -1, d)).reshape(n, c, -1,
                                                                            cfg.vocab_size)
       out["talk_hidden"] = talk_h
@@ -433,7 +433,7 @@ def token_ce(h, w_dv, targets, remat: bool, dtype: str = "float32"):
 
 def sample_thought(key, logits, greedy):
   """A thought token per row of `logits` [..., V] (start/end already masked): a draw from
-  softmax(logits) at T = 1, or the argmax. No gradient (no straight-through): only REINFORCE
+  softmax(logits) at temperature 1, or the argmax. No gradient (no straight-through): only REINFORCE
   teaches the choice.
 
   Sampling is by inverse CDF, one uniform number per row: exact, and on CPU several times
