@@ -78,7 +78,6 @@ def build(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | No
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
   from jaxstar import model as model_lib  # pylint: disable=g-import-not-at-top
   from jaxstar import train_lib  # pylint: disable=g-import-not-at-top
   from jaxstar.quietstar import config as qs_config  # pylint: disable=g-import-not-at-top
@@ -86,9 +85,7 @@ def build(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | No
   from jaxstar.quietstar import thoughts  # pylint: disable=g-import-not-at-top
 
   cfg = model_lib.ModelConfig(**(model or MODEL), remat_policy=remat, dtype=dtype)
-  optim = ml_collections.ConfigDict(dict(lr=1e-4, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
-                                         weight_decay=0.0, clip_norm=1.0))
-  optimizer = train_lib.make_optimizer(optim, 100)
+  optimizer = train_lib.make_optimizer(train_lib.OptimConfig(lr=1e-4, clip_norm=1.0), 100)
   tokens = jax.random.randint(jax.random.key(1), (batch_size, L), 3, cfg.vocab_size - 2)
   batch = {"tokens": tokens, "mask": jnp.ones_like(tokens)}
   if ahead == 0:

@@ -10,7 +10,6 @@ import platform
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 
 from benchmarks import common
 from jaxstar import model as model_lib
@@ -28,9 +27,7 @@ def main():
 
   cfg = model_lib.get_config(args.variant, remat_policy=args.remat)
   module = model_lib.Transformer(cfg)
-  optim = ml_collections.ConfigDict(dict(lr=1e-3, warmup_steps=10, schedule="constant",
-                                         b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.01,
-                                         clip_norm=1.0))
+  optim = train_lib.OptimConfig(lr=1e-3, warmup_steps=10, weight_decay=0.01, clip_norm=1.0)
   optimizer = train_lib.make_optimizer(optim, 100)
   mesh = sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
   init = lambda rng: train_lib.init_train_state(

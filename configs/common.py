@@ -3,10 +3,10 @@
 Every field is overridable from the command line: `--config.optim.lr=1e-4`. An unknown field or a
 value of the wrong type is an error raised by ml_collections before anything runs.
 
-Defaults have one home each: the `model`, `quietstar` and `data` blocks are built from
-`jaxstar.model.ModelConfig` (and its variant table), `jaxstar.quietstar.QuietStarConfig` and
-`jaxstar.data.lm.DEFAULTS`, whose comments document each field; the fields below (run, optimizer,
-checkpoint) are documented here and read nowhere else with a default of their own.
+Defaults have one home each: the `model`, `quietstar`, `optim` and `data` blocks are built from
+`jaxstar.model.ModelConfig` (and its variant table), `jaxstar.quietstar.QuietStarConfig`,
+`jaxstar.train_lib.OptimConfig` and `jaxstar.data.lm.DEFAULTS`, whose comments document each
+field; the run and checkpoint fields of `base_config` are documented here.
 """
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from jaxstar import train_lib
 from jaxstar.data import lm as lm_data
 from jaxstar.model import config as model_config_lib
 from jaxstar.quietstar import config as qs_config
@@ -70,19 +71,9 @@ def lm_data_config(**overrides) -> ml_collections.ConfigDict:
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
-  """The `config.optim` block: AdamW, warm-up + schedule, clipping, accumulation."""
-  cfg = ml_collections.ConfigDict(dict(
-      lr=1e-3,                          # peak learning rate
-      warmup_steps=0,                   # linear warm-up from 0
-      schedule="constant",              # after warm-up: constant | linear | cosine
-      end_lr_factor=0.0,                # linear/cosine decay end, as a fraction of lr
-      decay_steps=0,                    # decay horizon (0: num_steps)
-      b1=0.9, b2=0.999, eps=1e-8,       # Adam moments
-      weight_decay=0.0,                 # decoupled weight decay
-      weight_decay_mask="matrices",     # matrices | all_but_bias | all
-      clip_norm=1.0,                    # global gradient-norm clip (0: off)
-      grad_accum=1,                     # micro-batches per optimizer step
-  ))
+  """The `config.optim` block: `jaxstar.train_lib.OptimConfig`'s fields and defaults, then
+  `overrides`."""
+  cfg = ml_collections.ConfigDict(dataclasses.asdict(train_lib.OptimConfig()))
   cfg.update(overrides)
   return cfg
 

@@ -56,7 +56,7 @@ def validate_config(config) -> None:
   for name in ("batch_size", "num_steps", "log_every"):
     if config[name] < 1:
       raise UserError(f"config.{name}={config[name]} must be >= 1")
-  if config.get("require_init_from") and not config.init_from:
+  if config.require_init_from and not config.init_from:
     raise UserError("config.init_from is empty: this config trains from pretrained weights; "
                     "set --config.init_from to a Hugging Face Mistral folder (config.json + "
                     "*.safetensors) or a jaxstar run directory")

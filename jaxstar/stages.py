@@ -51,7 +51,7 @@ def finished(workdir: str, num_steps: int) -> bool:
 def run(config, workdir: str):
   """Runs the stage named by `config.stage` (after `create_init_from`); returns its metrics."""
   module = stage_module(config.stage)
-  spec = config.get("create_init_from")
+  spec = config.create_init_from
   if spec:
     if not config.init_from:
       raise UserError("config.create_init_from is set but config.init_from is empty: name the "

@@ -7,6 +7,7 @@ the random numbers an uninterrupted one would.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Mapping
 
 import flax.struct
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from jaxstar.errors import UserError
 
 # (params, batch, rng) -> (scalar loss, dict of scalar metrics)
 LossFn = Callable[[Any, Mapping[str, jax.Array], jax.Array], tuple[jax.Array, dict]]
@@ -42,14 +45,35 @@ class TrainState:
   rng: jax.Array
 
 
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """AdamW, warm-up + schedule, clipping, accumulation: the fields of `config.optim`.
+
+  `make_optimizer` reads these fields by name from this dataclass or from a config block
+  built from it (`configs/common.optim_config`), so the defaults live here only.
+  """
+  lr: float = 1e-3                    # peak learning rate
+  warmup_steps: int = 0               # linear warm-up from 0
+  schedule: str = "constant"          # after warm-up: constant | linear | cosine
+  end_lr_factor: float = 0.0          # linear/cosine decay end, as a fraction of lr
+  decay_steps: int = 0                # decay horizon (0: num_steps)
+  b1: float = 0.9                     # Adam first-moment decay
+  b2: float = 0.999                   # Adam second-moment decay
+  eps: float = 1e-8                   # Adam epsilon
+  weight_decay: float = 0.0           # decoupled weight decay
+  weight_decay_mask: str = "matrices"  # matrices | all_but_bias | all
+  clip_norm: float = 1.0              # global gradient-norm clip (0: off)
+  grad_accum: int = 1                 # micro-batches per optimizer step
+
+
 def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to `lr`, then constant, linear or cosine decay to lr * end_factor."""
   lr, warmup = float(optim_cfg.lr), int(optim_cfg.warmup_steps)
-  end = lr * float(optim_cfg.get("end_lr_factor", 0.0))
-  kind = optim_cfg.get("schedule", "constant")
+  end = lr * float(optim_cfg.end_lr_factor)
+  kind = optim_cfg.schedule
   if kind not in SCHEDULES:
-    raise ValueError(f"optim.schedule={kind!r}; choose one of {SCHEDULES}")
-  decay_steps = max(1, int(optim_cfg.get("decay_steps", 0) or num_steps) - warmup)
+    raise UserError(f"config.optim.schedule={kind!r}; choose one of {SCHEDULES}")
+  decay_steps = max(1, int(optim_cfg.decay_steps or num_steps) - warmup)
   if kind == "constant":
     after = optax.constant_schedule(lr)
   elif kind == "linear":
@@ -64,7 +88,7 @@ def learning_rate_schedule(optim_cfg, num_steps: int) -> optax.Schedule:
 def weight_decay_mask(params, kind: str):
   """Which leaves are decayed: 'matrices' (ndim >= 2), 'all_but_bias', or 'all'."""
   if kind not in WD_MASKS:
-    raise ValueError(f"optim.weight_decay_mask={kind!r}; choose one of {WD_MASKS}")
+    raise UserError(f"config.optim.weight_decay_mask={kind!r}; choose one of {WD_MASKS}")
 
   def decide(path, leaf):
     name = "/".join(str(k.key) for k in path if hasattr(k, "key"))  # skips a box's `.value`
@@ -79,9 +103,9 @@ def weight_decay_mask(params, kind: str):
 def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
   """Gradient clipping by global norm, then AdamW with the schedule and the decay mask."""
   schedule = learning_rate_schedule(optim_cfg, num_steps)
-  mask_kind = optim_cfg.get("weight_decay_mask", "matrices")
+  mask_kind = optim_cfg.weight_decay_mask
   chain = []
-  if optim_cfg.get("clip_norm", 0.0):
+  if optim_cfg.clip_norm:
     chain.append(optax.clip_by_global_norm(float(optim_cfg.clip_norm)))
   chain.append(optax.adamw(schedule, b1=float(optim_cfg.b1), b2=float(optim_cfg.b2),
                            eps=float(optim_cfg.eps), weight_decay=float(optim_cfg.weight_decay),
