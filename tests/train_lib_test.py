@@ -1,7 +1,6 @@
 """Tests of the shared training pieces: schedule, decay mask, accumulation, NaN handling."""
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -10,9 +9,9 @@ from jaxstar import train_lib
 
 
 def _optim(**kw):
-  return ml_collections.ConfigDict({**dict(lr=1e-2, warmup_steps=4, schedule="cosine",
-                                           end_lr_factor=0.1, b1=0.9, b2=0.999, eps=1e-8,
-                                           weight_decay=0.1, clip_norm=1.0), **kw})
+  return train_lib.OptimConfig(**{**dict(lr=1e-2, warmup_steps=4, schedule="cosine",
+                                         end_lr_factor=0.1, weight_decay=0.1, clip_norm=1.0),
+                                  **kw})
 
 
 def test_schedule_warms_up_then_decays():
