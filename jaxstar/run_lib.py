@@ -158,10 +158,18 @@ def mean_metrics(history: list[Mapping[str, Any]]) -> dict[str, float]:
 
 
 class Preemption:
-  """Turns SIGTERM into a flag that the loop polls; every process agrees on the step to stop.
+  """Decides, without touching the devices, when to stop for a SIGTERM (preemption).
 
-  On a multi-process run the flags are combined with a tiny all-gather at each poll, so all
-  processes save the same step. Exit status after a preemption save: `EXIT_PREEMPTED`.
+  One process: a SIGTERM handler sets a flag that the loop reads every step.
+
+  Several processes: the distributed runtime's preemption service (on by default in
+  `jax.distributed.initialize`) catches SIGTERM on any process and the processes agree on a step
+  through the coordination service; `should_stop(step)` is a local check of that agreement
+  (no device work, no host round trip), so every process stops and saves at the same step.
+  Without the service (`jax_enable_preemption_service=False`) the flags are combined with a
+  small all-gather, but only at log steps (`poll`), where the loop reads the devices anyway.
+
+  Exit status after a preemption save: `EXIT_PREEMPTED`.
   """
   EXIT_PREEMPTED = 143  # 128 + SIGTERM, as if terminated; rerun the same command to resume
 
@@ -169,6 +177,9 @@ class Preemption:
     import signal  # pylint: disable=g-import-not-at-top
     self.requested = False
     self._previous = None
+    self._service = jax.process_count() > 1 and _preemption_service_running()
+    if self._service:
+      return  # the runtime's own SIGTERM handler feeds the service; ours would replace it
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread (e.g. a notebook worker): no handler
@@ -176,21 +187,42 @@ class Preemption:
 
   def _handle(self, signum, frame):
     del signum, frame
-    logging.warning("SIGTERM received: saving a checkpoint at the end of this step")
+    logging.warning("SIGTERM received: saving a checkpoint at the next agreed step")
     self.requested = True
 
-  def should_stop(self) -> bool:
-    if jax.process_count() == 1:
-      return self.requested
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
-    return bool(np.any(flags))
+  def should_stop(self, step: int) -> bool:
+    """Every step: True when this step is where the run stops for a SIGTERM (host-only)."""
+    if self._service:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        logging.warning("preemption notice: every process saves at step %d", step)
+        self.requested = True
+    elif jax.process_count() > 1:
+      return False  # decided in `poll`, at log steps, by all processes together
+    return self.requested
+
+  def poll(self) -> bool:
+    """At log steps: combines the processes' flags when there is no preemption service."""
+    if jax.process_count() > 1 and not self._service:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      flags = multihost_utils.process_allgather(np.array([self.requested], np.int32))
+      self.requested = bool(np.any(flags))
+    return self.requested
 
   def close(self):
     import signal  # pylint: disable=g-import-not-at-top
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+def _preemption_service_running() -> bool:
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  try:
+    multihost_utils.reached_preemption_sync_point(0)
+  except RuntimeError:  # the service is off, or jax.distributed was not initialized
+    return False
+  return True
 
 
 class Preempted(SystemExit):
@@ -384,30 +416,42 @@ class Run:
       summary.update(metrics)
       progress.set_postfix(loss=f"{metrics['loss']:.4g}", tok_s=f"{metrics['tokens_per_s']:,.0f}")
 
+    # Between log, eval and checkpoint steps the loop never reads the devices, so the host runs
+    # ahead (fetching and sending the next batches) while they compute; the device-to-host
+    # transfer guard enforces it on accelerators (on CPU arrays live on the host; the tests
+    # emulate the guard there).
     try:
-      for step in range(start + 1, config.num_steps + 1):
-        batch = self.global_batch(next(data_iter))
-        with sharding.use_mesh(self.mesh):
-          state, metrics = train_step(state, batch)
-        history.append(metrics)
-        progress.update(1)
-        stop = preemption.should_stop() or step == config.stop_at_step
-        last = step == config.num_steps
-        if step % config.log_every == 0 or last:
-          flush(step)
-        if evaluate is not None and config.eval_every and (step % config.eval_every == 0 or last):
-          eval_metrics = evaluate(step, state.params)
-          writer.write(step, eval_metrics)
-          summary.update(eval_metrics)
-        if ckpt.should_save(step) or last or stop:
-          flush(step)  # never save a state whose loss was not checked
-          ckpt.save(step, state, data_iter=data_iter, config=config.to_dict(), force=True)
-        if stop:
-          ckpt.wait()
-          logging.info("stopped at step %d with a checkpoint in %s", step, ckpt.directory)
-          if preemption.requested:
-            raise Preempted(step)
-          break
+      with jax.transfer_guard_device_to_host("disallow"):
+        for step in range(start + 1, config.num_steps + 1):
+          batch = self.global_batch(next(data_iter))
+          with sharding.use_mesh(self.mesh):
+            state, metrics = train_step(state, batch)
+          history.append(metrics)
+          progress.update(1)
+          last = step == config.num_steps
+          log = step % config.log_every == 0 or last
+          stop = preemption.should_stop(step) or step == config.stop_at_step
+          evaluating = evaluate is not None and config.eval_every and (
+              step % config.eval_every == 0 or last)
+          if not (log or stop or evaluating or ckpt.should_save(step)):
+            continue
+          with jax.transfer_guard_device_to_host("allow"):
+            if log:
+              flush(step)
+              stop = preemption.poll() or stop
+            if evaluating:
+              eval_metrics = evaluate(step, state.params)
+              writer.write(step, eval_metrics)
+              summary.update(eval_metrics)
+            if ckpt.should_save(step) or last or stop:
+              flush(step)  # never save a state whose loss was not checked
+              ckpt.save(step, state, data_iter=data_iter, config=config.to_dict(), force=True)
+            if stop:
+              ckpt.wait()
+              logging.info("stopped at step %d with a checkpoint in %s", step, ckpt.directory)
+              if preemption.requested:
+                raise Preempted(step)
+              break
     finally:
       progress.close()
       preemption.close()

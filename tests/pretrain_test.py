@@ -113,13 +113,43 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _two_processes(workdir, *flags):
+def _start_two(workdir, *flags):
   port = _free_port()
-  procs = [_launch(workdir, f"--coordinator_address=localhost:{port}", "--num_processes=2",
-                   f"--process_id={i}", *flags, devices=4) for i in range(2)]
+  return [_launch(workdir, f"--coordinator_address=localhost:{port}", "--num_processes=2",
+                  f"--process_id={i}", *flags, devices=4) for i in range(2)]
+
+
+def _two_processes(workdir, *flags, returncode=0):
+  procs = _start_two(workdir, *flags)
   outputs = [p.communicate(timeout=600)[0] for p in procs]
   for p, out in zip(procs, outputs):
-    assert p.returncode == 0, out[-3000:]
+    assert p.returncode == returncode, out[-3000:]
+  return outputs
+
+
+@pytest.mark.slow
+def test_two_processes_sigterm_on_one_stops_both_at_the_same_step(tmp_path):
+  """SIGTERM to one process of two: the distributed preemption service agrees on a step, both
+  save it together and exit 143, with no per-step device round trip (log_every is large)."""
+  workdir = str(tmp_path / "run")
+  flags = ["--config.log_every=100000", "--config.checkpoint.save_every=100000"]
+  procs = _start_two(workdir, "--config.num_steps=100000", *flags)
+  deadline = time.time() + 300
+  while not os.path.exists(os.path.join(workdir, "config.json")) and time.time() < deadline:
+    time.sleep(0.5)  # the run has started (after jax.distributed.initialize)
+  time.sleep(5)
+  procs[1].send_signal(signal.SIGTERM)
+  outputs = [p.communicate(timeout=300)[0] for p in procs]
+  for p, out in zip(procs, outputs):
+    assert p.returncode == run_lib.Preemption.EXIT_PREEMPTED, out[-3000:]
+  with checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), save_every=1,
+                               read_only=True) as ckpt:
+    saved = ckpt.all_steps()
+  assert len(saved) == 1, saved
+  for out in outputs:  # each process stopped at that step
+    assert f"every process saves at step {saved[0]}" in out, out[-3000:]
+  _two_processes(workdir, f"--config.num_steps={saved[0] + 2}", *flags)
+  assert max(_losses(workdir)) == saved[0] + 2
 
 
 @pytest.mark.slow
