@@ -3,7 +3,6 @@ SIGTERM flag of a one-process run."""
 import os
 import signal
 
-import jax
 import pytest
 from jax._src import array as array_lib
 from jax._src import config as jax_config
