@@ -260,11 +260,15 @@ class Run:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
         f.write(config.to_json_best_effort(indent=2))
-    self.writer = MetricWriter(workdir)
-    self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                        save_every=config.checkpoint.save_every,
-                                        keep=config.checkpoint.keep,
-                                        async_save=config.checkpoint.async_save)
+    self.writer, self.ckpt = MetricWriter(workdir), None
+    try:
+      self.ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                          save_every=config.checkpoint.save_every,
+                                          keep=config.checkpoint.keep,
+                                          async_save=config.checkpoint.async_save)
+    except ValueError as e:
+      self.writer.close()
+      raise UserError(f"config.checkpoint: {e}") from None
 
   def __enter__(self) -> Run:
     return self
@@ -273,7 +277,8 @@ class Run:
     self.close()
 
   def close(self) -> None:
-    self.ckpt.close()
+    if self.ckpt is not None:
+      self.ckpt.close()
     self.writer.close()
 
   # ------------------------------------------------------------------------------------ data
