@@ -88,6 +88,35 @@ def _check_abstract(tree: Any, what: str) -> None:
                      "pass jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(...)) leaves")
 
 
+def _leaf_names(tree: Any) -> dict[str, Any]:
+  """{'params/layers/attn/q_proj': leaf}: paths by key names, alike for dicts, dataclasses and
+  namedtuples (a saved TrainState comes back from metadata as nested dicts)."""
+  def name(key) -> str:
+    for attr in ("key", "name", "idx"):
+      if hasattr(key, attr):
+        return str(getattr(key, attr))
+    return str(key)
+  return {"/".join(name(k) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_shapes(saved_metadata: Any, target: Any, prefix: str = "") -> None:
+  """Raises ValueError naming the leaves whose saved shape differs from the target's.
+
+  Run before a restore: orbax would fail on them too, but only inside its asynchronous reads,
+  whose threads then print tracebacks about their closed event loop.
+  """
+  saved = _leaf_names(saved_metadata)
+  bad = [(name, saved[prefix + name].shape, leaf.shape)
+         for name, leaf in _leaf_names(target).items()
+         if prefix + name in saved and hasattr(saved[prefix + name], "shape")
+         and not jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key)  # saved as key data
+         and tuple(saved[prefix + name].shape) != tuple(leaf.shape)]
+  if bad:
+    shown = "; ".join(f"{prefix}{n} is {tuple(a)} there, {tuple(b)} here" for n, a, b in bad[:3])
+    raise ValueError(f"{len(bad)} array(s) do not fit the model: {shown}")
+
+
 class Checkpointer:
   """Saves every `save_every` steps, keeps the newest `keep`, restores the newest good step.
 
@@ -218,6 +247,7 @@ class Checkpointer:
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_state)
 
     def load(s: int):
+      _check_shapes(self._item_metadata(s, STATE), abstract_state)
       state = self._restore_item(s, STATE, ocp.args.PyTreeRestore(
           abstract_state, restore_args=restore_args))
       if data_iter is not None:  # After the state: a bad state leaves the iterator alone.
@@ -233,6 +263,12 @@ class Checkpointer:
     """
     return dict(self._newest_good(
         lambda s: self._restore_item(s, CONFIG, ocp.args.JsonRestore()), step)[0])
+
+  def _item_metadata(self, step: int, name: str) -> Any:
+    if not (epath.Path(self.directory) / str(step) / name).exists():
+      raise FileNotFoundError(f"step {step} has no {name!r} item (missing, or saved "
+                              "without it)")
+    return self._live_manager().item_metadata(step)[name]
 
   def _restore_item(self, step: int, name: str, args) -> Any:
     if not (epath.Path(self.directory) / str(step) / name).exists():
@@ -293,6 +329,7 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   with Checkpointer(directory, save_every=0, keep=None, async_save=False,
                     read_only=True) as ckpt:
     def load(s: int):
+      _check_shapes(ckpt._item_metadata(s, STATE), abstract_params, prefix="params/")  # pylint: disable=protected-access
       # partial_restore: the other run's optimizer state and rng are not read at all.
       args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
       return ckpt._restore_item(s, STATE, args)["params"]  # pylint: disable=protected-access

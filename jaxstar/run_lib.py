@@ -250,7 +250,10 @@ class Run:
     validate_config(config)
     self.config, self.workdir = config, workdir
     self.is_main = jax.process_index() == 0
-    self.tok = tokenizer_lib.get_tokenizer(config.tokenizer)
+    try:
+      self.tok = tokenizer_lib.get_tokenizer(config.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+      raise UserError(f"config.tokenizer={config.tokenizer!r}: {e}") from None
     self.model_cfg = model_config_from(config, self.tok)
     self.mesh = make_run_mesh(config)
     self.batch_sharding = sharding.batch_sharding(self.mesh)
@@ -373,8 +376,10 @@ class Run:
           config.init_from, target_params, self.model_cfg))
       try:
         params = load(target.params)
-      except checkpoint.NoGoodCheckpointError as e:
-        raise UserError(f"config.init_from={config.init_from!r}: {e}") from e
+      except (checkpoint.NoGoodCheckpointError, ValueError) as e:
+        # Shapes or tensors that do not match this config's model, an unreadable folder.
+        raise UserError(f"config.init_from={config.init_from!r} does not fit this config's "
+                        f"model: {e}") from e
       with sharding.use_mesh(self.mesh):
         state = jax.jit(from_params, out_shardings=shardings)(params)
       logging.info("initialized from config.init_from=%s", config.init_from)

@@ -275,3 +275,21 @@ def test_restore_params_from_another_run(tmp_path, meshes):
   _assert_trees_equal(checkpoint.restore_params(str(other), abstract_params, step=10),
                       _host(old.params))
   assert _listing(other) == before
+
+
+def test_arrays_that_do_not_fit_the_model_are_named(tmp_path, meshes):
+  mesh = meshes[0]
+  state = _make_state(mesh, as_struct=True)
+  with checkpoint.Checkpointer(str(tmp_path / "run"), save_every=1, async_save=False) as ckpt:
+    ckpt.save(1, state)
+  target = _abstract(state, mesh, SPECS_811)
+  wider = jax.ShapeDtypeStruct((8, 17), jnp.float32, sharding=NamedSharding(mesh, P()))
+  target = target.replace(params={**target.params, "w": wider})
+  with checkpoint.Checkpointer(str(tmp_path / "run"), save_every=1) as ckpt:
+    with pytest.raises(checkpoint.NoGoodCheckpointError,
+                       match=r"step 1: ValueError: 1 array\(s\) do not fit the model: params/w "
+                             r"is \(8, 16\) there, \(8, 17\) here"):
+      ckpt.restore(target)
+  with pytest.raises(checkpoint.NoGoodCheckpointError,
+                     match=r"params/w is \(8, 16\) there, \(8, 17\) here"):
+    checkpoint.restore_params(str(tmp_path / "run"), target.params)
