@@ -1,4 +1,8 @@
-"""Tests of the Mistral-style decoder: sizes, KV-cache decoding, remat, bad input."""
+"""Tests of the Mistral-style decoder: sizes, KV-cache decoding, remat, bad input.
+
+Equivalence tests (two computations of the same maths) run in float64 and compare with
+`equivalence.assert_close` (1e-9, relative to the compared magnitude; tests/equivalence.py).
+"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -6,6 +10,8 @@ import numpy as np
 import pytest
 
 from jaxstar import model as model_lib
+from tests import equivalence
+from tests.equivalence import assert_close, assert_far, assert_tree_close, x64
 
 
 def _init(cfg, seed=0):
@@ -36,54 +42,70 @@ def test_unknown_variant_and_bad_fields():
 
 @pytest.mark.parametrize("window", [None, 5])
 def test_kv_cache_decoding_equals_full_forward(window):
-  cfg = model_lib.get_config("tiny", sliding_window=window)
-  module, params = _init(cfg)
-  b, l, prompt = 3, 12, 5
-  tokens = jax.random.randint(jax.random.key(1), (b, l), 0, cfg.vocab_size)
-  # Row 1 has two padding tokens inside the prompt region: they are never attended.
-  mask = jnp.ones((b, l), bool).at[1, 3:5].set(False)
-  full = module.apply({"params": params}, tokens, mask)
+  """A prefill then one token at a time through the cache gives the full forward's logits."""
+  with x64():
+    cfg = model_lib.get_config("tiny", num_layers=2, sliding_window=window, **equivalence.F64)
+    module, params = _init(cfg)
+    b, l, prompt = 3, 12, 5
+    tokens = jax.random.randint(jax.random.key(1), (b, l), 0, cfg.vocab_size, jnp.int32)
+    # Row 1 has two padding tokens inside the prompt region: they are never attended.
+    mask = jnp.ones((b, l), bool).at[1, 3:5].set(False)
+    forward = jax.jit(lambda p, t, m: module.apply({"params": p}, t, m))
+    full = forward(params, tokens, mask)
 
-  decode = jax.jit(lambda p, t, c, m: module.apply({"params": p}, t, c, m,
-                                                   method=model_lib.Transformer.decode))
-  cache = model_lib.init_cache(cfg, b, 16)
-  first, cache = decode(params, tokens[:, :prompt], cache, mask[:, :prompt])
-  steps = [first]
-  for i in range(prompt, l):
-    logits, cache = decode(params, tokens[:, i:i + 1], cache, mask[:, i:i + 1])
-    steps.append(logits)
-  stepped = jnp.concatenate(steps, axis=1)
-  valid = np.asarray(mask)
-  np.testing.assert_allclose(np.asarray(stepped)[valid], np.asarray(full)[valid], atol=1e-5)
-  assert int(cache.index) == l
+    decode = jax.jit(lambda p, t, c, m: module.apply({"params": p}, t, c, m,
+                                                     method=model_lib.Transformer.decode))
+    cache = model_lib.init_cache(cfg, b, 16)
+    # Under x64 the literal 0 in decode's dynamic_update_slice start indices is int64, and
+    # dynamic_update_slice wants one integer type: an int64 slot index matches it.
+    cache = cache.replace(index=cache.index.astype(jnp.int64))
+    first, cache = decode(params, tokens[:, :prompt], cache, mask[:, :prompt])
+    steps = [first]
+    for i in range(prompt, l):
+      logits, cache = decode(params, tokens[:, i:i + 1], cache, mask[:, i:i + 1])
+      steps.append(logits)
+    stepped = np.asarray(jnp.concatenate(steps, axis=1))
+    valid = np.asarray(mask)
+    assert_close(stepped[valid], np.asarray(full)[valid])
+    assert int(cache.index) == l
+    # Live: the decoded steps depend on the cached prompt (token 2 is in the first steps' window).
+    other = forward(params, tokens.at[:, 2].add(1), mask)
+    assert_far(stepped[:, prompt:], np.asarray(other)[:, prompt:], err_msg="changed prompt")
 
 
 def test_padding_keys_are_ignored():
   """Changing a padded token must not change any real position's logits."""
-  cfg = model_lib.get_config("tiny")
-  module, params = _init(cfg)
-  tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size)
-  mask = jnp.ones((2, 10), bool).at[:, 7:].set(False)
-  a = module.apply({"params": params}, tokens, mask)
-  b = module.apply({"params": params}, tokens.at[:, 8].set(7), mask)
-  np.testing.assert_allclose(a[:, :7], b[:, :7], atol=1e-5)
+  with x64():
+    cfg = model_lib.get_config("tiny", num_layers=2, **equivalence.F64)
+    module, params = _init(cfg)
+    forward = jax.jit(lambda t, m: module.apply({"params": params}, t, m))
+    tokens = jax.random.randint(jax.random.key(2), (2, 10), 0, cfg.vocab_size, jnp.int32)
+    mask = jnp.ones((2, 10), bool).at[:, 7:].set(False)
+    a = forward(tokens, mask)
+    assert_close(forward(tokens.at[:, 8].set(7), mask)[:, :7], a[:, :7])
+    # Live: the same change at a real position does change the later logits.
+    changed = forward(tokens.at[:, 6].set(7), jnp.ones((2, 10), bool))
+    assert_far(changed[:, 6:7], forward(tokens, jnp.ones((2, 10), bool))[:, 6:7])
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_does_not_change_values_or_gradients(policy):
-  cfg = model_lib.get_config("tiny", num_layers=2)
-  module, params = _init(cfg)
-  remat = model_lib.Transformer(cfg.replace(remat_policy=policy))
-  tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size)
+  with x64():
+    cfg = model_lib.get_config("tiny", num_layers=2, **equivalence.F64)
+    module, params = _init(cfg)
+    remat = model_lib.Transformer(cfg.replace(remat_policy=policy))
+    tokens = jax.random.randint(jax.random.key(3), (2, 8), 0, cfg.vocab_size, jnp.int32)
 
-  def loss(m, p):
-    logits = m.apply({"params": p}, tokens)
-    return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
+    def loss(m, p):
+      logits = m.apply({"params": p}, tokens)
+      return jnp.mean(jax.nn.logsumexp(logits, -1) - logits[..., 0])
 
-  (l0, g0), (l1, g1) = [jax.value_and_grad(lambda p, m=m: loss(m, p))(params)
-                        for m in (module, remat)]
-  np.testing.assert_allclose(l0, l1, atol=1e-5)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g0, g1)
+    (l0, g0), (l1, g1) = [jax.jit(jax.value_and_grad(lambda p, m=m: loss(m, p)))(params)
+                          for m in (module, remat)]
+  assert_close(l1, l0, "loss")
+  assert_tree_close(g1, g0, "grads")
+  # Live: every layer parameter gets gradient, so the recomputed backward is compared.
+  assert all(float(np.abs(g).max()) > 0 for g in jax.tree.leaves(g0["layers"]))
 
 
 def test_tied_embeddings_have_no_lm_head():

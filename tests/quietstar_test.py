@@ -1,5 +1,11 @@
-"""Quiet-STaR: the parallel thought passes against a naive per-position reference, step-0
-identities, advantages, and configuration errors."""
+"""Quiet-STaR: the parallel thought passes against a naive per-position reference, the memory
+options and a sharded step against the plain passes, step-0 identities, advantages, and
+configuration errors.
+
+Equivalence tests (two computations of the same maths) run in float64 and compare with
+`equivalence.assert_close` (1e-9, relative to the compared magnitude; tests/equivalence.py).
+"""
+import functools
 
 import flax.linen as nn
 import jax
@@ -12,12 +18,16 @@ from jaxstar.model import attention
 from jaxstar.quietstar import config as qs_config
 from jaxstar.quietstar import loss as qs_loss
 from jaxstar.quietstar import thoughts
+from tests import equivalence
+from tests.equivalence import assert_close, assert_far, assert_tree_close, x64
 
 START, END, PAD = 259, 260, 2
 
 
-def _model(n_ahead=5, talk=3, passes=2, qs_kw=None, **cfg_kw):
-  cfg = model_lib.get_config("tiny", num_layers=2, **cfg_kw)
+def _model(n_ahead=5, talk=3, passes=2, qs_kw=None, float64=True, **cfg_kw):
+  """The tiny model with 2 layers; float64 (build and run it inside `x64()`) unless told not."""
+  cfg = model_lib.get_config("tiny", num_layers=2, **(equivalence.F64 if float64 else {}),
+                             **cfg_kw)
   qs = qs_config.QuietStarConfig(n_ahead=n_ahead, n_ahead_talk=talk, n_passes=passes,
                                  **(qs_kw or {}))
   return thoughts.QuietStarModel(cfg, qs, start_id=START, end_id=END, init_id=48, pad_id=PAD)
@@ -28,183 +38,249 @@ def _params(model, tokens, seed=0, perturb_mixing=True):
                                method=thoughts.QuietStarModel.init_all)["params"])
   if perturb_mixing:  # a trained-looking head, so the mixing weight is not 0
     out = params["mixing"]["out_proj"]["kernel"]
-    params["mixing"]["out_proj"]["kernel"] = jax.random.normal(jax.random.key(7), out.shape) * 0.5
+    params["mixing"]["out_proj"]["kernel"] = jax.random.normal(jax.random.key(7), out.shape,
+                                                               out.dtype) * 0.5
     params["start_thought"] = params["start_thought"] + 0.01
   return params
 
 
 def _batch(b=2, l=8):
-  tokens = jax.random.randint(jax.random.key(1), (b, l), 3, 250)
+  tokens = jax.random.randint(jax.random.key(1), (b, l), 3, 250, jnp.int32)
   mask = jnp.ones((b, l), jnp.int32).at[1, l - 2:].set(0)
   tokens = jnp.where(mask > 0, tokens, PAD)
   return tokens, mask
 
 
-def _naive_rows(model, params, tokens, mask, thoughts_nls):
-  """Literally inserts start, the thoughts, end and the true tokens after each real position and
-  runs the plain model on each such text. Differentiable in `params`.
+def _forced(model, b=2, l=8):
+  return jax.random.randint(jax.random.key(6), (b * model.qs.n_passes, l, model.qs.num_sampled),
+                            3, 250, jnp.int32)
 
-  Returns (base_logits [B, L, V], base_hidden [B, L, D], rows: the (n, i) of each text,
-  thought_logits [R, S, V] (the logits at start, t_1 .. t_{S-1}), talk_hidden [R, A, D]).
+
+# ------------------------------------------------------------------------- the naive reference
+
+
+def _naive_texts(qs, tokens, mask, thoughts_nls):
+  """The naive texts: after each real position i of each row n (document d = n // P), the text
+  x_0 .. x_i, start, the thoughts of (n, i), end, x_{i+1} .. x_{i+A-1} (PAD past the end).
+
+  A static layout, from host arrays: [R, M] arrays of the R texts right-padded to M tokens, ids
+  (0 at start/end), is_start, is_end; the (n, i) of each text, n [R] and i [R]; and the slots to
+  read: thought_at [R, S] (start, t_1 .. t_{S-1}: the logits that sample t_1 .. t_S) and
+  talk_at [R, A] (end, x_{i+1} ..: the talk states).
   """
-  qs, cfg = model.qs, model.cfg
-  lm = model_lib.Transformer(cfg)
-  lm_p = params["lm"]
+  tokens, mask, thoughts_nls = (np.asarray(a) for a in (tokens, mask, thoughts_nls))
   b, l = tokens.shape
   p, talk, s_n = qs.n_passes, qs.n_ahead_talk, qs.num_sampled
-  scale = qs.embedding_scale
-  base_logits, base_hidden = lm.apply({"params": lm_p}, tokens, mask > 0, return_hidden=True)
-  embed = lambda t: lm.apply({"params": lm_p}, jnp.asarray(t)[None], method=lm.embed)[0]
-  seqs, lengths, rows = [], [], []
+  rows, texts = [], []
   for n in range(b * p):
     d = n // p
     for i in range(l):
-      if not mask[d, i]:
-        continue
-      ahead = [int(tokens[d, i + k]) if i + k < l else PAD for k in range(1, talk)]
-      x = jnp.concatenate([embed(tokens[d, :i + 1]),
-                           params["start_thought"][None] * scale,
-                           embed(thoughts_nls[n, i]),
-                           params["end_thought"][None] * scale] +
-                          ([embed(ahead)] if ahead else []), axis=0)
-      seqs.append(x)
-      lengths.append(x.shape[0])
-      rows.append((n, i))
-  max_len = max(lengths)
-  x = jnp.stack([jnp.pad(s, ((0, max_len - s.shape[0]), (0, 0))) for s in seqs])
-  idx = jnp.arange(max_len)
-  causal = attention.visible_keys(idx, idx, None, cfg.sliding_window)
-  causal = jnp.broadcast_to(causal, (x.shape[0], max_len, max_len))
-  pos = jnp.broadcast_to(idx, x.shape[:2])
-  hidden, _ = lm.apply({"params": lm_p}, x, pos, attention.CausalAttend(causal),
-                       method=lm.run_layers)
+      if mask[d, i]:
+        ahead = [tokens[d, i + k] if i + k < l else PAD for k in range(1, talk)]
+        texts.append([*tokens[d, :i + 1], -1, *thoughts_nls[n, i], -2, *ahead])
+        rows.append((n, i))
+  text = np.full((len(texts), max(map(len, texts))), PAD)
+  for r, t in enumerate(texts):
+    text[r, :len(t)] = t
+  n_idx, i_idx = (np.array(a) for a in zip(*rows))
+  return dict(ids=np.maximum(text, 0).astype(np.int32), is_start=text == -1, is_end=text == -2,
+              n=n_idx, i=i_idx, thought_at=i_idx[:, None] + 1 + np.arange(s_n),
+              talk_at=i_idx[:, None] + 2 + s_n + np.arange(talk))
+
+
+def _naive_states(model, params, tokens, mask, texts):
+  """Runs the plain model on the text and on each naive text (causal, positions 0 ..).
+
+  Returns (base_logits [B, L, V], base_hidden [B, L, D], thought_logits [R, S, V] (unmasked),
+  talk_hidden [R, A, D]).
+  """
+  lm, lm_p, scale = model_lib.Transformer(model.cfg), params["lm"], model.qs.embedding_scale
+  base_logits, base_hidden = lm.apply({"params": lm_p}, tokens, mask > 0, return_hidden=True)
+  x = lm.apply({"params": lm_p}, texts["ids"], method=lm.embed)
+  x = jnp.where(texts["is_start"][..., None], params["start_thought"] * scale, x)
+  x = jnp.where(texts["is_end"][..., None], params["end_thought"] * scale, x)
+  r, m = texts["ids"].shape
+  idx = jnp.arange(m)
+  causal = jnp.broadcast_to(attention.visible_keys(idx, idx, None, model.cfg.sliding_window),
+                            (r, m, m))
+  hidden, _ = lm.apply({"params": lm_p}, x, jnp.broadcast_to(idx, (r, m)),
+                       attention.CausalAttend(causal), method=lm.run_layers)
   logits = lm.apply({"params": lm_p}, hidden, method=lm.logits)
-  thought_logits = jnp.stack([logits[r, i + 1:i + 1 + s_n] for r, (_, i) in enumerate(rows)])
-  first = [i + 1 + s_n + 1 for _, i in rows]                            # the end token
-  talk_hidden = jnp.stack([hidden[r, f:f + talk] for r, f in enumerate(first)])
-  return base_logits, base_hidden, rows, thought_logits, talk_hidden
+  row = jnp.arange(r)[:, None]
+  return base_logits, base_hidden, logits[row, texts["thought_at"]], hidden[row, texts["talk_at"]]
 
 
-def _naive(model, params, tokens, mask, thoughts_nls):
-  """`_naive_rows` laid out as [N, L, ...] arrays, NaN where a position is padding."""
-  cfg, qs = model.cfg, model.qs
-  base_logits, base_hidden, rows, thought_rows, talk_rows = _naive_rows(
-      model, params, tokens, mask, thoughts_nls)
-  n_rows, l = tokens.shape[0] * qs.n_passes, tokens.shape[1]
-  thought_logits = np.full((n_rows, l, qs.num_sampled, cfg.vocab_size), np.nan, np.float32)
-  talk_hidden = np.full((n_rows, l, qs.n_ahead_talk, cfg.embed_dim), np.nan, np.float32)
-  for r, (n, i) in enumerate(rows):
-    thought_logits[n, i] = thought_rows[r]
-    talk_hidden[n, i] = talk_rows[r]
-  return base_logits, base_hidden, thought_logits, talk_hidden
+def _naive_outputs(model, params, tokens, texts, states):
+  """The per-position outputs of `QuietStarModel.__call__` from the naive states, written at
+  the real positions of [N, L, ...] arrays (0 at padding, which the losses do not score)."""
+  qs, cfg = model.qs, model.cfg
+  base_logits, base_hidden, thought_rows, talk_rows = states
+  n_rows, l, p, talk = tokens.shape[0] * qs.n_passes, tokens.shape[1], qs.n_passes, qs.n_ahead_talk
+  at = (texts["n"], texts["i"])
+  scatter = lambda rows: jnp.zeros((n_rows, l) + rows.shape[1:], rows.dtype).at[at].set(rows)
+  talk_hidden = scatter(talk_rows)
+  # The talk state at (i, k) is mixed with the base state at i + k: both predict x_{i+k+1}.
+  base_rolled = jnp.repeat(jnp.stack([jnp.roll(base_hidden, -k, axis=1) for k in range(talk)],
+                                     axis=2), p, axis=0)
+  w = model.apply({"params": params}, base_rolled, talk_hidden,
+                  method=lambda m, a, b: m.mixing(a, b))
+  targets = jnp.repeat(jnp.stack([jnp.roll(tokens, -k, axis=1) for k in range(1, talk + 1)], 2),
+                       p, axis=0)
+  w_dv = params["lm"]["lm_head"]
+  masked = thoughts.mask_thought_ids(thought_rows, (START, END))
+  thoughts_r = jnp.asarray(texts["ids"])[jnp.arange(len(texts["n"]))[:, None],
+                                         texts["thought_at"] + 1]       # t_1 .. t_S
+  logprob = jnp.take_along_axis(jax.nn.log_softmax(masked / qs.reinforce_temperature, axis=-1),
+                                thoughts_r[..., None], axis=-1)[..., 0]
+  return dict(
+      base_ce=thoughts.token_ce(base_hidden, w_dv, jnp.roll(tokens, -1, axis=1), False,
+                                cfg.dtype),
+      talk_ce=scatter(thoughts.token_ce((1 - w) * base_rolled + w * talk_hidden, w_dv, targets,
+                                        False, cfg.dtype)[at]),
+      thought_logprob=scatter(logprob), mix_weight=scatter(w[..., 0][at]),
+      base_logits=base_logits, thought_rows=thought_rows, talk_rows=talk_rows)
 
 
-@pytest.mark.parametrize("chunk", [0, 3])  # passes differentiated as they are; block backward
-def test_gradients_match_naive_reference(chunk):
-  """The gradients of the thought logits and talk states, through the parallel passes, equal
-  those through the naive per-position texts (forced thoughts, padding present, P = 2)."""
+def _projections(cfg):
+  """Fixed random directions that reduce thought logits [.., V] and talk states [.., D] to a
+  scalar (start/end excluded: their logits are masked constants in our model)."""
+  proj_v = jax.random.normal(jax.random.key(8), (cfg.vocab_size,), jnp.float64)
+  proj_d = jax.random.normal(jax.random.key(9), (cfg.embed_dim,), jnp.float64)
+  return proj_v.at[START].set(0).at[END].set(0), proj_d
+
+
+def _objective(model, metrics, thought_rows, talk_rows, weights=(1.0, 1.0)):
+  """The scalar whose gradients are compared: NLL + weights[0] * the policy term (1: unscaled,
+  so that both weigh alike) + weights[1] * projections of the thought logits and talk states
+  of every real position."""
+  proj_v, proj_d = _projections(model.cfg)
+  return (metrics["nll"] + weights[0] * metrics["policy_loss"] +
+          weights[1] * (jnp.sum(thought_rows @ proj_v) + jnp.sum(talk_rows @ proj_d)))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _naive_value_and_grad(model, params, tokens, mask, texts):
+  """(objective, (outputs, metrics)) and its gradients from the naive texts."""
+  def objective(p):
+    out = _naive_outputs(model, p, tokens, texts,
+                         _naive_states(model, p, tokens, mask, texts))
+    metrics = qs_loss.quietstar_loss(out, mask, model.qs)[1]
+    return _objective(model, metrics, out["thought_rows"], out["talk_rows"]), (out, metrics)
+  return jax.value_and_grad(objective, has_aux=True)(params)
+
+
+def _setup(chunk):
+  """The tiny model (P = 2, 2 sampled thought tokens, A = 3), a padded batch and params with a
+  trained-looking mixing head; `chunk` positions per chunk (0: all at once)."""
   model = _model(qs_kw=dict(chunk_positions=chunk))
   tokens, mask = _batch()
-  params = _params(model, tokens)
-  n_rows, l, cfg = tokens.shape[0] * 2, tokens.shape[1], model.cfg
-  forced = jax.random.randint(jax.random.key(6), (n_rows, l, model.qs.num_sampled), 3, 250)
-  proj_v = jax.random.normal(jax.random.key(8), (cfg.vocab_size,)).at[START].set(0).at[END].set(0)
-  proj_d = jax.random.normal(jax.random.key(9), (cfg.embed_dim,))
-  mask_np = np.asarray(mask)
-  rows = _naive_rows(model, params, tokens, mask_np, np.asarray(forced))[2]
-  n_idx, i_idx = (np.array(a) for a in zip(*rows))
+  return model, tokens, mask, _params(model, tokens)
 
-  def ours(p):
-    out = model.apply({"params": p}, tokens, mask, jax.random.key(3), forced_thoughts=forced,
-                      return_logits=True)
-    return (jnp.sum(out["thought_logits"][n_idx, i_idx] @ proj_v) +
-            jnp.sum(out["talk_hidden"][n_idx, i_idx] @ proj_d))
 
-  def naive(p):
-    _, _, _, thought_rows, talk_rows = _naive_rows(model, p, tokens, mask_np, np.asarray(forced))
-    return jnp.sum(thought_rows @ proj_v) + jnp.sum(talk_rows @ proj_d)
+@functools.lru_cache(maxsize=None)
+def _parallel(chunk):
+  """f(params, rng, weights) -> ((objective, (outputs, metrics)), grads) of the parallel passes
+  with sampled thoughts (`_objective`; weights is an array, so one compilation serves all)."""
+  model, tokens, mask = _model(qs_kw=dict(chunk_positions=chunk)), *_batch()
+  at = np.nonzero(np.repeat(np.asarray(mask), model.qs.n_passes, axis=0))  # real (n, i)
 
-  value, grads = jax.value_and_grad(ours)(params)
-  naive_value, naive_grads = jax.value_and_grad(naive)(params)
-  np.testing.assert_allclose(value, naive_value, rtol=1e-5)
-  for path, g in jax.tree_util.tree_leaves_with_path(naive_grads):
-    ours_g = grads
-    for key in path:
-      ours_g = ours_g[key.key]
-    np.testing.assert_allclose(ours_g, g, rtol=1e-4, atol=1e-4,
-                               err_msg=jax.tree_util.keystr(path))
-  assert float(jnp.abs(grads["start_thought"]).sum()) > 0  # a live comparison
+  def objective(params, rng, weights):
+    out = model.apply({"params": params}, tokens, mask, rng, return_logits=True)
+    metrics = qs_loss.quietstar_loss(out, mask, model.qs)[1]
+    value = _objective(model, metrics, out["thought_logits"][at], out["talk_hidden"][at],
+                       weights)
+    return value, (out, metrics)
+  return jax.jit(jax.value_and_grad(objective, has_aux=True))
+
+
+@functools.lru_cache(maxsize=None)
+def _parallel_and_naive(chunk):
+  """Both computations, once per chunking (the state and gradient tests share them): the
+  parallel passes sample the thoughts; the naive texts insert the same ones.
+
+  Returns host trees ((value, (out, metrics)), grads) for ours and for the naive reference, and
+  the naive texts.
+  """
+  with x64():
+    model, tokens, mask, params = _setup(chunk)
+    parallel = _parallel(chunk)(params, jax.random.key(3), jnp.ones(2))
+    texts = _naive_texts(model.qs, tokens, mask, parallel[0][1][0]["thoughts"])
+    naive = _naive_value_and_grad(_model(), params, tokens, mask, texts)
+    return jax.tree.map(np.asarray, (parallel, naive)), texts
+
+
+# ------------------------------------------------------------------------------------ tests
 
 
 @pytest.mark.parametrize("chunk", [0, 3])  # all positions at once; 3 chunks, the last padded
 def test_parallel_thoughts_match_naive_reference(chunk):
-  model = _model(qs_kw=dict(chunk_positions=chunk))
-  tokens, mask = _batch()
-  params = _params(model, tokens)
-  out = model.apply({"params": params}, tokens, mask, jax.random.key(3), return_logits=True)
-  base_logits, base_hidden, thought_logits, talk_hidden = _naive(
-      model, params, tokens, np.asarray(mask), np.asarray(out["thoughts"]))
-  real = np.repeat(np.asarray(mask) > 0, 2, axis=0)
-  np.testing.assert_allclose(out["base_logits"], base_logits, atol=1e-4)
-  masked = thoughts.mask_thought_ids(jnp.asarray(thought_logits), (START, END))
-  np.testing.assert_allclose(np.asarray(out["thought_logits"])[real], np.asarray(masked)[real],
-                             atol=1e-4)
-  np.testing.assert_allclose(np.asarray(out["talk_hidden"])[real], talk_hidden[real], atol=1e-4)
+  """Sampled thoughts (P = 2, padding present): the states and every loss term of the parallel
+  passes equal those of the naive texts with the same thoughts inserted."""
+  (((_, (out, metrics)), _), ((_, (naive, naive_metrics)), _)), texts = _parallel_and_naive(chunk)
+  at = (texts["n"], texts["i"])
+  assert_close(out["base_logits"], naive["base_logits"], "base_logits")
+  # Start/end are masked to a constant while thinking; every other logit is compared.
+  thought_logits = out["thought_logits"][at]
+  np.testing.assert_array_equal(thought_logits[..., [START, END]], thoughts.MASKED_LOGIT)
+  keep = np.ones(thought_logits.shape[-1], bool)
+  keep[[START, END]] = False
+  assert_close(thought_logits[..., keep], naive["thought_rows"][..., keep], "thought_logits")
+  assert_close(out["talk_hidden"][at], naive["talk_rows"], "talk_hidden")
+  for key in ("thought_logprob", "mix_weight", "talk_ce"):
+    assert_close(out[key][at], naive[key][at], key)
+  assert_close(out["base_ce"], naive["base_ce"], "base_ce")
+  # The policy term unscaled (it enters the total x policy_weight).
+  for key in ("nll", "base_loss", "talk_loss", "reward_mean", "reward_std", "policy_loss"):
+    assert_close(metrics[key], naive_metrics[key], key)
+  # Live: the mixing head is active, rewards differ, and the policy term is not 0.
+  assert float(np.abs(out["mix_weight"][at]).mean()) > 1e-2
+  assert float(metrics["reward_std"]) > 1e-3 and float(metrics["policy_loss"]) != 0.0
 
-  # Every loss term from the naive states equals the parallel one.
-  qs, p, talk = model.qs, 2, 3
-  l = tokens.shape[1]
-  w_dv = params["lm"]["lm_head"]
-  base_rolled = np.stack([np.roll(base_hidden, -k, axis=1) for k in range(talk)], axis=2)
-  base_rolled = np.repeat(base_rolled, p, axis=0)
-  talk_hidden = np.where(np.isnan(talk_hidden), 0.0, talk_hidden)  # padded branches: unscored
-  w = model.apply({"params": params}, jnp.asarray(base_rolled), jnp.asarray(talk_hidden),
-                  method=lambda m, a, b: m.mixing(a, b))
-  targets = np.repeat(np.stack([np.roll(tokens, -k, axis=1) for k in range(1, talk + 1)], 2),
-                      p, axis=0)
-  naive_out = dict(
-      base_ce=thoughts.token_ce(base_hidden, w_dv, jnp.roll(tokens, -1, axis=1), False),
-      talk_ce=thoughts.token_ce((1 - w) * base_rolled + w * talk_hidden, w_dv,
-                                jnp.asarray(targets), False),
-      thought_logprob=jnp.take_along_axis(
-          jax.nn.log_softmax(masked / qs.reinforce_temperature, axis=-1),
-          out["thoughts"][..., None], axis=-1)[..., 0],
-      mix_weight=w[..., 0])
-  total, metrics = qs_loss.quietstar_loss(out, mask, qs)
-  naive_total, naive_metrics = qs_loss.quietstar_loss(
-      {k: jnp.where(jnp.isnan(v), 0.0, v) for k, v in naive_out.items()}, mask, qs)
-  for key in ("nll", "base_loss", "talk_loss", "reward_mean", "reward_std"):
-    np.testing.assert_allclose(metrics[key], naive_metrics[key], atol=1e-4, err_msg=key)
-  # The policy term is scaled by 1e6; compare it unscaled.
-  np.testing.assert_allclose(metrics["policy_loss"], naive_metrics["policy_loss"], atol=1e-4)
-  assert float(metrics["reward_std"]) > 0  # the mixing head is active: a real comparison
-  del total, naive_total, l
+
+@pytest.mark.parametrize("chunk", [0, 3])  # passes differentiated as they are; block backward
+def test_gradients_match_naive_reference(chunk):
+  """The gradients of the losses (NLL, policy term) and of projections of the thought logits and
+  talk states, through the parallel passes, equal those through the naive texts."""
+  ((value, grads), (naive_value, naive_grads)), texts = _parallel_and_naive(chunk)
+  value, naive_value = value[0], naive_value[0]
+  assert_close(value, naive_value, "value")
+  assert_tree_close(grads, naive_grads, "grads")
+  # Live: every parameter group gets gradient (the mixing head and the thought vectors too) ...
+  for name in ("start_thought", "end_thought", "mixing", "lm"):
+    assert float(optax_norm(grads[name])) > 0, name
+  # ... and one other thought token changes the naive value far beyond the tolerance.
+  with x64():
+    _, tokens, mask, params = _setup(chunk)
+    ids = texts["ids"].copy()
+    ids[0, texts["thought_at"][0, 1]] += 1  # t_1 of the first text
+    (other, _), _ = _naive_value_and_grad(_model(), params, tokens, mask, {**texts, "ids": ids})
+  assert_far(other, value, err_msg="value with another thought token")
 
 
 def test_step_zero_identities_and_gradients():
-  model = _model()
-  tokens, mask = _batch()
-  params = _params(model, tokens, perturb_mixing=False)
-  out = model.apply({"params": params}, tokens, mask, jax.random.key(4), return_logits=True)
-  base = np.repeat(np.asarray(out["base_logits"]), 2, axis=0)
-  talk = np.asarray(out["talk_logits"])
-  for k in range(3):
-    np.testing.assert_allclose(talk[:, :8 - k - 1, k], base[:, k:7], atol=1e-5)
-  total, metrics = qs_loss.quietstar_loss(out, mask, model.qs)
-  np.testing.assert_allclose(metrics["reward_mean"], 0.0, atol=1e-5)
-  assert float(metrics["policy_loss"]) == 0.0 and float(metrics["positive_advantage_share"]) == 0.0
-
-  def loss_fn(p):
-    o = model.apply({"params": p}, tokens, mask, jax.random.key(4))
-    return qs_loss.quietstar_loss(o, mask, model.qs)[0]
-  grads = jax.grad(loss_fn)(params)
-  norm = lambda t: float(optax_norm(t))
-  assert norm(grads["mixing"]["out_proj"]) > 0
-  for name in ("in_proj", "hidden_proj"):
-    assert norm(grads["mixing"][name]) == 0.0, name
-  assert norm(grads["start_thought"]) == 0.0 and norm(grads["end_thought"]) == 0.0
-  assert norm(grads["lm"]) > 0
-  del total
+  """At initialization the mixing weight is 0: the talk logits are the base logits, rewards and
+  the policy term vanish, and only the mixing head's last layer and the LM get gradient."""
+  with x64():
+    model, (tokens, _) = _model(qs_kw=dict(chunk_positions=3)), _batch()
+    params = _params(model, tokens, perturb_mixing=False)
+    # The total loss (policy term x policy_weight, no projections), by the function of the
+    # chunked (block backward) test above.
+    (_, (out, metrics)), grads = _parallel(3)(params, jax.random.key(4),
+                                              jnp.array([model.qs.policy_weight, 0.0]))
+    assert float(jnp.abs(out["mix_weight"]).max()) == 0.0
+    base = np.repeat(np.asarray(out["base_logits"]), 2, axis=0)
+    talk = np.asarray(out["talk_logits"])
+    for k in range(3):
+      assert_close(talk[:, :8 - k - 1, k], base[:, k:7], f"talk step {k}")
+    assert abs(float(metrics["reward_mean"])) <= equivalence.RTOL * float(metrics["base_loss"])
+    assert float(metrics["policy_loss"]) == 0.0
+    assert float(metrics["positive_advantage_share"]) == 0.0
+    norm = lambda t: float(optax_norm(t))
+    assert norm(grads["mixing"]["out_proj"]) > 0
+    for name in ("in_proj", "hidden_proj"):
+      assert norm(grads["mixing"][name]) == 0.0, name
+    assert norm(grads["start_thought"]) == 0.0 and norm(grads["end_thought"]) == 0.0
+    assert norm(grads["lm"]) > 0
 
 
 def optax_norm(tree):
@@ -258,7 +334,7 @@ def _train_step(model, mesh):
     # A trained-looking mixing head: rewards well above float noise, a live policy term.
     box = params["mixing"]["out_proj"]["kernel"]
     params["mixing"]["out_proj"]["kernel"] = box.replace_boxed(
-        jax.random.normal(jax.random.key(7), box.value.shape))
+        jax.random.normal(jax.random.key(7), box.value.shape, box.value.dtype))
     return train_lib.init_train_state(params, optimizer, 0)
 
   state, shardings = sharding.create_sharded(init, mesh, jax.random.key(0))
@@ -273,32 +349,53 @@ def _train_step(model, mesh):
 def test_sharded_step_equals_unsharded_and_traces_once():
   import chex  # pylint: disable=g-import-not-at-top
   from jaxstar import sharding  # pylint: disable=g-import-not-at-top
-  model = _model(n_ahead=5, talk=2, qs_kw=dict(chunk_positions=4))  # a scan of 2 chunks
-  tokens, mask = _batch(b=4, l=8)
   results = []
-  for shape in [(1, 1, 1), (2, 2, 2)]:
-    chex.clear_trace_counter()  # each mesh gets its own jitted step, traced once
-    mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
-    state, step, data = _train_step(model, mesh)
-    if shape == (2, 2, 2):  # parameters really are sharded
-      spec = state.params["lm"]["layers"]["mlp"]["up_proj"].sharding.spec
-      assert tuple(spec) == (None, "fsdp", "tensor")
-    batch = jax.device_put({"tokens": tokens, "mask": mask}, data)
-    with sharding.use_mesh(mesh):
-      state, m1 = step(state, batch)
-      state, m2 = step(state, batch)  # a second call must not retrace
-    results.append((jax.device_get(state.params),
-                    [float(m[k]) for m in (m1, m2) for k in ("nll", "policy_loss", "grad_norm")]))
-  (p0, l0), (p1, l1) = results
-  # Losses unscaled (the policy term enters the total x 1e6); grad norms are ~1e3, so relative.
-  np.testing.assert_allclose(l0, l1, atol=1e-4, rtol=1e-4)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), p0, p1)
-  assert l0[1] > 1e-3 and l0[4] > 1e-3  # live policy terms: the comparison covers them
+  with x64():
+    model = _model(n_ahead=5, talk=2, qs_kw=dict(chunk_positions=4))  # a scan of 2 chunks
+    tokens, mask = _batch(b=4, l=8)
+    for shape in [(1, 1, 1), (2, 2, 2)]:
+      chex.clear_trace_counter()  # each mesh gets its own jitted step, traced once
+      mesh = sharding.make_mesh(shape, devices=jax.devices()[:int(np.prod(shape))])
+      state, step, data = _train_step(model, mesh)
+      if shape == (2, 2, 2):  # parameters really are sharded, in float64
+        up = state.params["lm"]["layers"]["mlp"]["up_proj"]
+        assert tuple(up.sharding.spec) == (None, "fsdp", "tensor") and up.dtype == jnp.float64
+      batch = jax.device_put({"tokens": tokens, "mask": mask}, data)
+      with sharding.use_mesh(mesh):
+        state, m1 = step(state, batch)
+        state, m2 = step(state, batch)  # a second call must not retrace
+      results.append((jax.device_get(state.params),
+                      {f"{k}@{i}": np.asarray(m[k]) for i, m in enumerate((m1, m2))
+                       for k in ("nll", "policy_loss", "grad_norm")}))
+  (p0, m0), (p1, m1) = results
+  for key in m0:  # losses unscaled (the policy term enters the total x 1e6)
+    assert_close(m1[key], m0[key], key)
+  assert_tree_close(p1, p0, "params")
+  assert m0["policy_loss@0"] > 1e-3 and m0["policy_loss@1"] > 1e-3  # live policy terms
 
 
 def test_single_pass_uses_the_raw_reward():
   r = jnp.array([[0.5, -0.2, 0.0]])
   np.testing.assert_array_equal(qs_loss.advantages(r, passes=1), [[0.5, 0.0, 0.0]])
+
+
+def _memory_loss(model, params, tokens, mask, forced):
+  """NLL + the unscaled policy term (so both parts weigh alike), and the metrics."""
+  out = model.apply({"params": params}, tokens, mask, jax.random.key(5), forced_thoughts=forced)
+  metrics = qs_loss.quietstar_loss(out, mask, model.qs)[1]
+  return metrics["nll"] + metrics["policy_loss"], metrics
+
+
+@functools.lru_cache(maxsize=None)
+def _memory_reference():
+  """Loss, metrics and gradients of the plain passes (chunk_positions=0), computed once."""
+  with x64():
+    model = _model(n_ahead=5, talk=2, qs_kw=dict(chunk_positions=0))
+    tokens, mask = _batch()
+    params = _params(model, tokens)
+    out = jax.jit(jax.value_and_grad(functools.partial(_memory_loss, model), has_aux=True))(
+        params, tokens, mask, _forced(model))
+    return jax.tree.map(np.asarray, out)
 
 
 @pytest.mark.parametrize("qs_kw", [
@@ -308,19 +405,16 @@ def test_single_pass_uses_the_raw_reward():
     dict(chunk_positions=1, chunk_remat="dots_no_batch"),
 ])
 def test_memory_options_change_neither_loss_nor_gradients(qs_kw):
-  model = _model(n_ahead=5, talk=2, qs_kw=dict(chunk_positions=0))
-  other = _model(n_ahead=5, talk=2, qs_kw=qs_kw)
-  tokens, mask = _batch()
-  params = _params(model, tokens)
-  forced = jax.random.randint(jax.random.key(6), (4, 8, model.qs.num_sampled), 3, 250)
-
-  def loss(m, p):  # the policy term unscaled, so both parts weigh alike
-    out = m.apply({"params": p}, tokens, mask, jax.random.key(5), forced_thoughts=forced)
-    metrics = qs_loss.quietstar_loss(out, mask, m.qs)[1]
-    return metrics["nll"] + metrics["policy_loss"], metrics
-  (l0, m0), g0 = jax.value_and_grad(lambda p: loss(model, p), has_aux=True)(params)
-  (l1, m1), g1 = jax.value_and_grad(lambda p: loss(other, p), has_aux=True)(params)
+  (l0, m0), g0 = _memory_reference()
+  with x64():
+    other = _model(n_ahead=5, talk=2, qs_kw=qs_kw)
+    tokens, mask = _batch()
+    params = _params(other, tokens)
+    (l1, m1), g1 = jax.jit(jax.value_and_grad(functools.partial(_memory_loss, other),
+                                              has_aux=True))(params, tokens, mask,
+                                                             _forced(other))
   assert float(m0["policy_loss"]) != 0.0  # a live policy term: the comparison covers it
+  assert_close(l1, l0, "loss")
   for key in ("nll", "policy_loss", "reward_mean", "mix_weight_mean"):
-    np.testing.assert_allclose(m0[key], m1[key], atol=1e-5, err_msg=key)
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), g0, g1)
+    assert_close(m1[key], m0[key], key)
+  assert_tree_close(g1, g0, "grads")

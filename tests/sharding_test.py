@@ -1,4 +1,8 @@
-"""Tests of meshes, logical rules, sharded creation and the sharding checks."""
+"""Tests of meshes, logical rules, sharded creation and the sharding checks.
+
+The forward on several meshes is an equivalence test: float64, compared with
+`equivalence.assert_close` (1e-9, relative to the compared magnitude; tests/equivalence.py).
+"""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -8,6 +12,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxstar import model as model_lib
 from jaxstar import sharding
+from tests import equivalence
+from tests.equivalence import assert_close, assert_far, x64
 
 
 def test_mesh_fill_and_errors():
@@ -46,17 +52,26 @@ def _forward_on_mesh(cfg, tokens, mask, mesh_shape):
 
 
 def test_forward_equal_across_meshes():
-  cfg = model_lib.get_config("tiny", sliding_window=6)
-  tokens = np.asarray(jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size))
-  mask = np.ones((8, 16), bool)
-  mask[::3, 12:] = False
-  _, _, ref = _forward_on_mesh(cfg, tokens, mask, (1, 1, 1))
-  for shape in [(2, 2, 2), (1, 8, 1), (8, 1, 1)]:
-    params, shardings, out = _forward_on_mesh(cfg, tokens, mask, shape)
-    np.testing.assert_allclose(out, ref, atol=1e-5, err_msg=f"mesh {shape}")
-    # Parameters really are laid out as the rules say.
-    assert params["embedding"].sharding == shardings["embedding"]
-  assert shardings["layers"]["attn"]["q_proj"].spec == PartitionSpec(None, "fsdp", "tensor")
+  """The same params and batch give the same float64 logits on every mesh (sharded creation,
+  sharded matmuls and collectives in float64 on the 8 CPU devices)."""
+  with x64():
+    cfg = model_lib.get_config("tiny", num_layers=2, sliding_window=6, **equivalence.F64)
+    tokens = np.array(jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size,
+                                         jnp.int32))
+    mask = np.ones((8, 16), bool)
+    mask[::3, 12:] = False
+    _, _, ref = _forward_on_mesh(cfg, tokens, mask, (1, 1, 1))
+    for shape in [(2, 2, 2), (1, 8, 1), (8, 1, 1)]:
+      params, shardings, out = _forward_on_mesh(cfg, tokens, mask, shape)
+      assert_close(out, ref, f"mesh {shape}")
+      # Parameters really are laid out as the rules say, and stay float64.
+      assert params["embedding"].sharding == shardings["embedding"]
+      assert params["embedding"].dtype == jnp.float64
+    assert shardings["layers"]["attn"]["q_proj"].spec == PartitionSpec(None, "fsdp", "tensor")
+    # Live: the comparison sees the data (a changed token changes the logits).
+    tokens[0, 0] += 1
+    _, _, changed = _forward_on_mesh(cfg, tokens, mask, (1, 1, 1))
+    assert_far(changed, ref, err_msg="changed token")
 
 
 def test_report_and_sufficiently_sharded_check():

@@ -1,4 +1,8 @@
-"""Tests of the shared training pieces: schedule, decay mask, accumulation, NaN handling."""
+"""Tests of the shared training pieces: schedule, decay mask, accumulation, NaN handling.
+
+Gradient accumulation against one big batch is an equivalence test: float64, compared with
+`equivalence.assert_close` (1e-9, relative to the compared magnitude; tests/equivalence.py).
+"""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -6,6 +10,7 @@ import optax
 import pytest
 
 from jaxstar import train_lib
+from tests.equivalence import assert_close, assert_far, x64
 
 
 def _optim(**kw):
@@ -34,24 +39,30 @@ def test_weight_decay_mask():
 def _linear_loss(params, batch, rng):
   del rng
   pred = batch["x"] @ params["w"]
-  return jnp.mean((pred - batch["y"]) ** 2), {"rows": jnp.float32(batch["x"].shape[0])}
+  return jnp.mean((pred - batch["y"]) ** 2), {"rows": jnp.asarray(batch["x"].shape[0], pred.dtype)}
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-  params = {"w": jax.random.normal(jax.random.key(0), (3, 2))}
-  batch = {"x": jax.random.normal(jax.random.key(1), (8, 3)),
-           "y": jax.random.normal(jax.random.key(2), (8, 2))}
-  opt = optax.sgd(0.1)
-  states = []
-  for accum in (1, 4):
-    step = jax.jit(train_lib.make_train_step(_linear_loss, opt, grad_accum=accum))
-    state, metrics = step(train_lib.init_train_state(params, opt, 0), batch)
-    states.append((state.params["w"], float(metrics["loss"])))
-  np.testing.assert_allclose(states[0][0], states[1][0], atol=1e-6)
-  np.testing.assert_allclose(states[0][1], states[1][1], atol=1e-6)
-  with pytest.raises(ValueError, match="not divisible by grad_accum=3"):
-    jax.jit(train_lib.make_train_step(_linear_loss, opt, grad_accum=3))(
-        train_lib.init_train_state(params, opt, 0), batch)
+  with x64():
+    params = {"w": jax.random.normal(jax.random.key(0), (3, 2), jnp.float64)}
+    batch = {"x": jax.random.normal(jax.random.key(1), (8, 3), jnp.float64),
+             "y": jax.random.normal(jax.random.key(2), (8, 2), jnp.float64)}
+    opt = optax.sgd(0.1)
+    results = []
+    for accum in (1, 4):
+      step = jax.jit(train_lib.make_train_step(_linear_loss, opt, grad_accum=accum))
+      state, metrics = step(train_lib.init_train_state(params, opt, 0), batch)
+      results.append((np.asarray(state.params["w"]), np.asarray(metrics["loss"]),
+                      float(metrics["rows"])))
+    with pytest.raises(ValueError, match="not divisible by grad_accum=3"):
+      jax.jit(train_lib.make_train_step(_linear_loss, opt, grad_accum=3))(
+          train_lib.init_train_state(params, opt, 0), batch)
+  (w1, loss1, rows1), (w4, loss4, rows4) = results
+  assert_close(w4, w1, "params")
+  assert_close(loss4, loss1, "loss")
+  # Live: 4 micro-batches of 2 rows really ran, and the update moved the params.
+  assert (rows1, rows4) == (8.0, 2.0)
+  assert_far(w1, np.asarray(params["w"]), err_msg="update")
 
 
 def test_nonfinite_loss_stops_or_skips():
