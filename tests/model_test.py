@@ -56,9 +56,6 @@ def test_kv_cache_decoding_equals_full_forward(window):
     decode = jax.jit(lambda p, t, c, m: module.apply({"params": p}, t, c, m,
                                                      method=model_lib.Transformer.decode))
     cache = model_lib.init_cache(cfg, b, 16)
-    # Under x64 the literal 0 in decode's dynamic_update_slice start indices is int64, and
-    # dynamic_update_slice wants one integer type: an int64 slot index matches it.
-    cache = cache.replace(index=cache.index.astype(jnp.int64))
     first, cache = decode(params, tokens[:, :prompt], cache, mask[:, :prompt])
     steps = [first]
     for i in range(prompt, l):

@@ -1,6 +1,6 @@
 """Packed rows (`segment_ids`): each document of a row is computed as if it were alone.
 
-Equivalence tests in float64 (x64), with a scale-relative tolerance of 1e-9.
+Equivalence tests in float64 (`tests/equivalence.py`: 1e-9 relative to the compared magnitude).
 """
 import flax.linen as nn
 import jax
@@ -14,18 +14,12 @@ from jaxstar.model import attention
 from jaxstar.quietstar import config as qs_config
 from jaxstar.quietstar import loss as qs_loss
 from jaxstar.quietstar import thoughts
+from tests.equivalence import F64, assert_close, assert_far, x64
 
 START, END, PAD = 259, 260, 2
-RTOL = 1e-9
 SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 2, 2, 3, 3, 3],    # three documents
                      [1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2]])   # two
 DOC_LEN = SEGMENTS.shape[1]
-
-
-def assert_close(actual, desired, err_msg=""):
-  desired = np.asarray(desired)
-  atol = RTOL * max(float(np.max(np.abs(desired))), 1.0)
-  np.testing.assert_allclose(np.asarray(actual), desired, rtol=RTOL, atol=atol, err_msg=err_msg)
 
 
 def _tokens():
@@ -63,9 +57,8 @@ def test_segment_positions_and_visibility():
 
 @pytest.mark.parametrize("window", [None, 3])
 def test_packed_forward_equals_documents_alone(window):
-  with jax.enable_x64(True):
-    cfg = model_lib.get_config("tiny", num_layers=2, dtype="float64", param_dtype="float64",
-                               sliding_window=window)
+  with x64():
+    cfg = model_lib.get_config("tiny", num_layers=2, **F64, sliding_window=window)
     model = model_lib.Transformer(cfg)
     tokens = _tokens()
     params = model.init(jax.random.key(0), tokens)
@@ -76,7 +69,7 @@ def test_packed_forward_equals_documents_alone(window):
     for d, (r, first, n) in enumerate(docs):
       assert_close(packed[r, first:first + n], single[d, :n], err_msg=f"document {d}")
     # Live: without segment ids a later document sees the one before it.
-    assert not np.allclose(unaware[0, 3:8], single[1, :5], rtol=1e-3)
+    assert_far(unaware[0, 3:8], single[1, :5], err_msg="segment ids ignored")
 
     loss, n_targets = train_lib.next_token_loss(packed, tokens, jnp.ones_like(tokens),
                                                 jnp.asarray(SEGMENTS))
@@ -88,9 +81,8 @@ def test_packed_forward_equals_documents_alone(window):
 
 @pytest.mark.parametrize("chunk", [0, 4])  # one pass over all positions; chunks of 4
 def test_packed_quietstar_equals_documents_alone(chunk):
-  with jax.enable_x64(True):
-    cfg = model_lib.get_config("tiny", num_layers=2, dtype="float64", param_dtype="float64",
-                               sliding_window=4)
+  with x64():
+    cfg = model_lib.get_config("tiny", num_layers=2, **F64, sliding_window=4)
     qs = qs_config.QuietStarConfig(n_ahead=5, n_ahead_talk=3, n_passes=2, chunk_positions=chunk)
     model = thoughts.QuietStarModel(cfg, qs, start_id=START, end_id=END, init_id=48, pad_id=PAD)
     tokens = _tokens()
@@ -109,14 +101,19 @@ def test_packed_quietstar_equals_documents_alone(chunk):
                                          segment_ids_bl=s, forced_thoughts=f, return_logits=True)
     packed = run(tokens, jnp.ones_like(tokens), forced, seg)
     single = run(alone, mask, jnp.asarray(forced_alone), None)
+    thought_ids = np.isin(np.arange(cfg.vocab_size), [START, END])
     _, talk_real = qs_loss.target_masks(jnp.ones_like(tokens), qs.n_ahead_talk, seg)
     _, talk_real_alone = qs_loss.target_masks(mask, qs.n_ahead_talk)
     for d, (r, first, n) in enumerate(docs):
       span, rows, rows_alone = slice(first, first + n), slice(2 * r, 2 * r + 2), slice(2 * d,
                                                                                       2 * d + 2)
       assert_close(packed["base_logits"][r, span], single["base_logits"][d, :n])
-      for key in ("thought_logits", "thought_logprob", "talk_hidden"):
+      for key in ("thought_logprob", "talk_hidden"):
         assert_close(packed[key][rows, span], single[key][rows_alone, :n], err_msg=key)
+      logits = np.asarray(packed["thought_logits"][rows, span])
+      assert np.all(logits[..., thought_ids] == thoughts.MASKED_LOGIT)
+      assert_close(logits[..., ~thought_ids],
+                   np.asarray(single["thought_logits"][rows_alone, :n])[..., ~thought_ids])
       real = np.asarray(talk_real[r, span], bool)
       np.testing.assert_array_equal(real, np.asarray(talk_real_alone[d, :n], bool))
       for key in ("talk_ce", "mix_weight"):

@@ -123,7 +123,8 @@ class CachedAttend:
 
   def __call__(self, q, k, v, layer_state):
     cache_k, cache_v = layer_state
-    start = (0, self.index, 0, 0)
+    zero = jnp.zeros_like(self.index)  # one index dtype, also under x64
+    start = (zero, self.index, zero, zero)
     cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
     cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
     out = dot_attention(q, cache_k, cache_v, self.mask_bqs)

@@ -177,7 +177,8 @@ class Transformer(nn.Module):
       positions_bq = jnp.broadcast_to(q_idx, (b, q))
     if token_mask_bq is None:
       token_mask_bq = jnp.ones((b, q), bool)
-    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask_bq.astype(bool), (0, cache.index))
+    valid = jax.lax.dynamic_update_slice(cache.valid, token_mask_bq.astype(bool),
+                                         (jnp.zeros_like(cache.index), cache.index))
     k_idx = jnp.arange(cache.max_len, dtype=jnp.int32)
     mask = attention.visible_keys(q_idx, k_idx, valid, self.cfg.sliding_window)
     attend = attention.CachedAttend(index=cache.index, mask_bqs=mask)
