@@ -97,8 +97,9 @@ def test_packed_quietstar_equals_documents_alone(chunk):
       forced_alone[2 * d:2 * d + 2, :n] = forced[2 * r:2 * r + 2, first:first + n]
     seg = jnp.asarray(SEGMENTS)
 
-    run = lambda t, m, f, s: model.apply({"params": params}, t, m, jax.random.key(3),
-                                         segment_ids_bl=s, forced_thoughts=f, return_logits=True)
+    run = jax.jit(lambda t, m, f, s: model.apply({"params": params}, t, m, jax.random.key(3),
+                                                 segment_ids_bl=s, forced_thoughts=f,
+                                                 return_logits=True))
     packed = run(tokens, jnp.ones_like(tokens), forced, seg)
     single = run(alone, mask, jnp.asarray(forced_alone), None)
     thought_ids = np.isin(np.arange(cfg.vocab_size), [START, END])
