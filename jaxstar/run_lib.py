@@ -337,10 +337,12 @@ class Run:
       return jax.jit(step, in_shardings=(shardings, self.batch_sharding),
                      out_shardings=(shardings, None), donate_argnums=0)
 
-  def jit_eval_step(self, fn, params_shardings):
-    """`fn(params, batch, *rest)` jitted with the params and batch shardings."""
+  def jit_eval_step(self, fn, params_shardings, num_rest: int = 0):
+    """`fn(params, batch, *rest)` jitted with the params and batch shardings; the `num_rest`
+    further arguments (an RNG key, ...) are laid out by jit."""
     with sharding.use_mesh(self.mesh):
-      return jax.jit(fn, in_shardings=(params_shardings, self.batch_sharding))
+      shardings = (params_shardings, self.batch_sharding) + (None,) * num_rest
+      return jax.jit(fn, in_shardings=shardings)
 
   def eval_sums(self, eval_step, params, batches, *args) -> dict[str, float]:
     """Sums over `batches` of each scalar in `eval_step(params, batch, *args)`'s dict."""

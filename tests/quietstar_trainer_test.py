@@ -39,7 +39,10 @@ def test_trainer_resume_keeps_thought_vectors_and_mixing_head(tmp_path):
 
   stages.run(_pretrain_config(), str(tmp_path / "pretrain"))
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  trainer.train_and_evaluate(config(), straight)
+  summary = trainer.train_and_evaluate(config(eval_every=3, eval_batches=1), straight)
+  for key in ("eval_answer_loss_base", "eval_loss_base", "eval_answer_loss_thought",
+              "eval_loss_thought"):
+    assert np.isfinite(summary[key]), key
   trainer.train_and_evaluate(config(stop_at_step=2), split)
   trainer.train_and_evaluate(config(), split)
 
@@ -115,5 +118,8 @@ def test_create_init_from_trains_it_first_then_runs_the_stage(tmp_path):
   assert stages.run(config, str(tmp_path / "qs"))["step"] == 1
   assert stages.finished(str(tmp_path / "pretrain"), 2)  # trained there first, to the end
   config.num_steps = 2  # a finished init_from is used as it is, not trained again
-  assert stages.run(config, str(tmp_path / "qs"))["step"] == 2
+  config.update_from_flattened_dict({"quietstar.original_mode": True, "eval_every": 1,
+                                     "eval_batches": 1})  # and the no-thought evaluation runs
+  summary = stages.run(config, str(tmp_path / "qs"))
+  assert summary["step"] == 2 and np.isfinite(summary["eval_loss_base"])
   assert stages.finished(str(tmp_path / "pretrain"), 2)

@@ -133,7 +133,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
                   answer_n=jnp.sum(answer), all_n=jnp.sum(base_mask))
 
     train_step = run.jit_train_step(loss_fn, optimizer, shardings)
-    eval_step = run.jit_eval_step(eval_sums, shardings.params)
+    eval_step = run.jit_eval_step(eval_sums, shardings.params, num_rest=1)
 
     # -------------------------------------------------------------------------------- restore
     # Precedence: the latest good checkpoint in workdir > config.init_from > fresh init. From an
