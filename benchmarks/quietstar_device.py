@@ -10,7 +10,8 @@ case that would start after --budget_s seconds is skipped, so a time-limited run
               model remat only);
   mistral_4l  Mistral-7B-v0.1's layer shapes (h=4096, 32/8 heads, ffn 14336) with 4 of its 32
               layers and the 32002-token vocabulary, bf16 matmuls over fp32 weights, batch 8 x 256
-              (the paper's run), A=4, P=2: the plain step and n_ahead = 12 with chunk_positions 32, 128.
+              (the paper's run), A=4, P=2: the plain step and n_ahead = 12 with chunk_positions
+              32, 128.
 Per case: median step time, analytic model FLOPs (benchmarks/quietstar_step's count: matmuls only,
 backward = 2x forward, recomputation not counted), achieved TFLOP/s and that rate as a share of
 the plain step's on the same model, the compiled step's XLA temp memory and argument memory

@@ -4,7 +4,8 @@
                                        --chunk_remat dots_no_batch]
 
 Model: h=256, 4 layers, 8 query / 4 kv heads, ffn 512, vocab 4096; batch 4 x L=256, A=4
-talk tokens, P=2 thoughts per position, against n_ahead (T = n_ahead - 3 sampled tokens). Each case runs in its own process. Memory, per case:
+talk tokens, P=2 thoughts per position, against n_ahead (T = n_ahead - 3 sampled tokens). Each
+case runs in its own process. Memory, per case:
   XLA temp     the compiled step's temporary buffers (what an accelerator would hold beyond
                parameters, optimizer state and batch);
   step RSS     peak resident memory of the process while it runs the step: the high-water mark

@@ -3,9 +3,10 @@
   python launch/tpu.py --config=configs/quietstar_tiny.py --workdir=workdirs/quietstar_tiny
 
 Starts from the tiny LM pretrained by `configs/pretrain_tiny.py` in `config.init_from`
-(workdirs/pretrain_tiny). Run that first, or add `--config.create_init_from=configs/pretrain_tiny.py`
-to have it run (or resumed) there when it is not finished. `--config.quietstar.original_mode=True`
-trains the no-thought baseline on the same data.
+(workdirs/pretrain_tiny). Run that first, or add
+`--config.create_init_from=configs/pretrain_tiny.py` to have it run (or resumed) there when it is
+not finished. `--config.quietstar.original_mode=True` trains the no-thought baseline on the same
+data.
 """
 from configs import common
 

@@ -329,7 +329,8 @@ def restore_params(directory: str, abstract_params: Any, step: int | None = None
   with Checkpointer(directory, save_every=0, keep=None, async_save=False,
                     read_only=True) as ckpt:
     def load(s: int):
-      _check_shapes(ckpt._item_metadata(s, STATE), abstract_params, prefix="params/")  # pylint: disable=protected-access
+      saved = ckpt._item_metadata(s, STATE)  # pylint: disable=protected-access
+      _check_shapes(saved, abstract_params, prefix="params/")
       # partial_restore: the other run's optimizer state and rng are not read at all.
       args = ocp.args.PyTreeRestore(target, restore_args=restore_args, partial_restore=True)
       return ckpt._restore_item(s, STATE, args)["params"]  # pylint: disable=protected-access

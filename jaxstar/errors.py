@@ -2,7 +2,11 @@
 
 
 class UserError(ValueError):
-  """A problem with the run's input that the user can fix: a config value, a missing or empty file, a checkpoint that does not fit, a mesh that does not fit the devices. The launcher prints its message as one line and exits with status 2."""
+  """A problem with the run's input that the user can fix.
+
+  A config value, a missing or empty file, a checkpoint that does not fit, a mesh that does not
+  fit the devices. The launcher prints its message as one line and exits with status 2.
+  """
 
 
 # What the launcher reports as one line with exit status 2 instead of a traceback: problems

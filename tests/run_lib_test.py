@@ -70,4 +70,5 @@ def test_sigterm_sets_the_flag_of_a_one_process_run():
     assert preemption.should_stop(2) and preemption.requested
   finally:
     preemption.close()
-  assert signal.getsignal(signal.SIGTERM) is not preemption._handle  # pylint: disable=protected-access
+  handler = preemption._handle  # pylint: disable=protected-access
+  assert signal.getsignal(signal.SIGTERM) is not handler
