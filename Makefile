@@ -14,10 +14,10 @@ demo: $(VENV)/.installed
 	$(BIN)/python launch/demo.py --workdir=workdirs/demo
 
 test: $(VENV)/.installed
-	$(BIN)/python -m pytest -q --durations=15 tests
+	$(BIN)/python -m jaxstar.allocator $(BIN)/python -m pytest -q --durations=15 tests
 
 test-fast: $(VENV)/.installed  # everything but the long end-to-end runs
-	$(BIN)/python -m pytest -q --durations=15 -m 'not slow' tests
+	$(BIN)/python -m jaxstar.allocator $(BIN)/python -m pytest -q --durations=15 -m 'not slow' tests
 
 clean-venv:
 	rm -rf $(VENV)

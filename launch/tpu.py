@@ -14,6 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from jaxstar import allocator  # noqa: E402  pylint: disable=g-import-not-at-top
+
+allocator.ensure()  # re-executes under a caching malloc before JAX is imported (once)
+
 from absl import app  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

@@ -1,10 +1,16 @@
-"""Test setup: 8 emulated CPU devices and a persistent compilation cache, set before JAX starts.
+"""Test setup, before JAX starts: 8 emulated CPU devices and a persistent compilation cache.
 
 The cache (`.jax_cache/` in the repository, or $JAXSTAR_TEST_CACHE) keeps every compiled
 program across tests, runs and the launcher subprocesses the tests start (they inherit the
 environment), so a rerun of the suite mostly skips XLA compilation.
 """
 import os
+
+from jaxstar import allocator
+
+# `make test` starts pytest through `python -m jaxstar.allocator` (re-executing here would lose
+# pytest's captured output streams); a bare `pytest` runs on glibc's malloc. Say which.
+print(f"\njaxstar: {allocator.describe()}")
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

@@ -31,6 +31,10 @@ class ModelConfig:
                                # least fp32 (`layers.upcast`)
   param_dtype: str = "float32"  # master weights
   remat_policy: str = "none"   # per-layer rematerialization: none | full | dots | dots_no_batch
+  # Layers per iteration of the scan over layers (num_layers: fully unrolled). Unrolling saves
+  # XLA:CPU the loop's bookkeeping; keep 1 on TPU/GPU, where an unrolled scan lets XLA undo the
+  # rematerialization and hold every layer's activations.
+  scan_unroll: int = 1
 
   def __post_init__(self):
     for name in ("vocab_size", "embed_dim", "num_layers", "num_heads", "num_kv_heads",
@@ -45,6 +49,9 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
+    if not 1 <= self.scan_unroll <= self.num_layers:
+      raise ValueError(f"scan_unroll={self.scan_unroll} must be in [1, num_layers="
+                       f"{self.num_layers}]")
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
 
