@@ -128,7 +128,7 @@ def test_unrolled_layer_scan_computes_the_same():
       cfg = model_lib.get_config("tiny", scan_unroll=unroll, **equivalence.F64)
       module = model_lib.Transformer(cfg)
       params = module.init(jax.random.key(0), tokens)
-      outs.append(jax.value_and_grad(lambda p: module.apply(p, tokens).sum())(params))
+      outs.append(jax.jit(jax.value_and_grad(lambda p: module.apply(p, tokens).sum()))(params))
     assert_close(outs[1][0], outs[0][0])
     assert_tree_close(outs[1][1], outs[0][1])
   with pytest.raises(ValueError, match=r"scan_unroll=5 must be in \[1, num_layers=4\]"):

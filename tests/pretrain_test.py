@@ -23,13 +23,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH = os.path.join(ROOT, "launch", "tpu.py")
 
 
-def _config(**overrides):
-  config = pretrain_tiny.get_config()
-  config.update_from_flattened_dict({
+def config(**overrides):
+  """`configs/pretrain_tiny.py` shrunk to a few seconds' run (also used by run_lib_test)."""
+  c = pretrain_tiny.get_config()
+  c.update_from_flattened_dict({
       "num_steps": 6, "batch_size": 8, "data.seq_len": 32, "eval_data.seq_len": 32,
       "eval_batches": 1, "log_every": 1, "eval_every": 0, "checkpoint.save_every": 100,
       "data.synthetic_docs": 200, **overrides})
-  return config
+  return c
 
 
 def _losses(workdir):
@@ -49,13 +50,13 @@ def _final_params(config, workdir):
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path):
   straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
-  pretrain.train_and_evaluate(_config(), straight)
-  first = pretrain.train_and_evaluate(_config(stop_at_step=3), split)
+  pretrain.train_and_evaluate(config(), straight)
+  first = pretrain.train_and_evaluate(config(stop_at_step=3), split)
   assert first["step"] == 3
-  second = pretrain.train_and_evaluate(_config(), split)
+  second = pretrain.train_and_evaluate(config(), split)
   assert second["step"] == 6
   assert _losses(straight) == _losses(split)  # same loss curve, step by step, bitwise
-  a, b = _final_params(_config(), straight), _final_params(_config(), split)
+  a, b = _final_params(config(), straight), _final_params(config(), split)
   jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -102,7 +103,7 @@ def test_sigterm_saves_and_resume_continues(tmp_path):
     saved = ckpt.latest_step()
   assert saved is not None and saved >= 3
   assert max(_losses(workdir)) == saved
-  summary = pretrain.train_and_evaluate(_config(num_steps=saved + 2), workdir)
+  summary = pretrain.train_and_evaluate(config(num_steps=saved + 2), workdir)
   assert summary["step"] == saved + 2
   assert sorted(_losses(workdir)) == list(range(1, saved + 3))
 
@@ -166,7 +167,7 @@ def test_two_processes_train_save_and_resume(tmp_path):
   # One process with all 8 devices sees the same global batches: the same losses.
   single = str(tmp_path / "single")
   with jax.enable_x64(True):
-    pretrain.train_and_evaluate(_config(num_steps=4, **{"checkpoint.save_every": 2}, **FLOAT64),
+    pretrain.train_and_evaluate(config(num_steps=4, **{"checkpoint.save_every": 2}, **FLOAT64),
                                 single)
   multi, ref = _losses(workdir), _losses(single)
   np.testing.assert_allclose([multi[s] for s in range(1, 5)], [ref[s] for s in range(1, 5)],

@@ -7,9 +7,9 @@ import pytest
 from jax._src import array as array_lib
 from jax._src import config as jax_config
 
-from configs import pretrain_tiny
 from jaxstar import pretrain
 from jaxstar import run_lib
+from tests import pretrain_test
 
 
 class HostRead(RuntimeError):
@@ -32,13 +32,11 @@ def cpu_transfer_guard(monkeypatch):
   yield reads
 
 
-def _config(**overrides):
-  config = pretrain_tiny.get_config()
-  config.update_from_flattened_dict({
-      "num_steps": 6, "batch_size": 8, "data.seq_len": 16, "eval_data.seq_len": 16,
-      "eval_batches": 1, "log_every": 3, "eval_every": 3, "checkpoint.save_every": 6,
-      "data.synthetic_docs": 64, **overrides})
-  return config
+def _config():
+  """The pretrain tests' short run, logging, evaluating and saving at some steps only."""
+  return pretrain_test.config(**{"data.seq_len": 16, "eval_data.seq_len": 16, "log_every": 3,
+                                 "eval_every": 3, "checkpoint.save_every": 6,
+                                 "data.synthetic_docs": 64})
 
 
 def test_loop_reads_devices_only_at_log_eval_and_checkpoint_steps(tmp_path, cpu_transfer_guard,
