@@ -171,7 +171,7 @@ def main():
   plain = spawn(0)
   plain_rate = plain["flops"] / plain["seconds"] / 1e9
   cases = [spawn(int(a)) for a in args.ahead.split(",")]
-  print(f"# Quiet-STaR step: {MODEL}, batch {B} x {L}, K={TALK}, P={P}, remat {args.remat}, "
+  print(f"# Quiet-STaR step: {MODEL}, batch {B} x {L}, A={TALK}, P={P}, remat {args.remat}, "
         f"chunk_positions {args.chunk}, chunk_remat {args.chunk_remat}; "
         f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
   print(f"# plain 2048x2048 fp32 matmul: {peak:.1f} GFLOP/s; plain LM train step: "

@@ -1,16 +1,16 @@
-"""A caching malloc for jaxstar's processes, set up before JAX starts.
+"""The memory allocator set-up of jaxstar's processes, done before JAX starts.
 
 XLA:CPU allocates a fresh scratch buffer of hundreds of MiB for every step and frees it after;
 glibc's malloc hands such blocks back to the kernel, so the next step page-faults every page in
-again (tens of thousands of faults per step, a fifth of a small model's CPU step). A caching
-allocator keeps the pages. TPU VM launch scripts preload tcmalloc for the same reason: the host
-side of an accelerator run allocates the same way.
+again. glibc's huge-page tunable makes each of those faults bring in 2 MiB instead of 4 KiB; a
+caching allocator (jemalloc with decay off) keeps the pages, at the price of holding them.
 
 `ensure()` runs first in the launcher, the demo and the benchmarks (`make test` starts pytest
 through `python -m jaxstar.allocator`): it re-executes the process once, with the same command
-line, with `LD_PRELOAD` naming the system's jemalloc, or, when there is none, with glibc's
-huge-page tunable (`CANDIDATES` says why that order). It prints one line saying which. `JAXSTAR_ALLOCATOR` chooses: `auto` (the default), `off` (leave
-malloc alone), `glibc` (only the tunable), a candidate's name, or a path to a shared library.
+line, with glibc's huge-page tunable (`GLIBC_TUNABLE`), or with `LD_PRELOAD` naming a library
+the user chose (`CANDIDATES` says why the tunable is the default). It prints one line saying
+which. `JAXSTAR_ALLOCATOR` chooses: `auto` (the default: the tunable), `off` (leave malloc
+alone), `glibc` (the tunable), a candidate's name, or a path to a shared library.
 
   python -m jaxstar.allocator COMMAND ...   runs COMMAND under the allocator `ensure` would pick.
 """
@@ -51,13 +51,15 @@ _LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/li
 
 # `python -m benchmarks.vs_torch --allocators as_is,glibc,jemalloc,tcmalloc,mimalloc` on the
 # plain train step of the benchmark model, 2-core x86 CPU (README, Benchmarks): jemalloc with
-# decay off 0.81-0.83x glibc's step time, glibc's huge-page tunable 0.84x, mimalloc
-# (purge delay off, large pages) 0.94-0.95x, tcmalloc 2.10 0.97-1.0x. So `auto` takes jemalloc
-# when the system has it (Debian/Ubuntu: apt-get install libjemalloc2), else the tunable; the
-# others run only when named.
+# decay off 0.81-0.83x glibc's step time (with its default decay 0.98x), glibc's huge-page
+# tunable 0.84x, mimalloc (purge delay off, large pages) 0.94-0.95x, tcmalloc 2.10 0.97-1.0x.
+# On the Quiet-STaR step (`benchmarks.quietstar_step --ahead 12`) none was faster, and jemalloc
+# without decay held 1.9 GB of resident memory where glibc (with or without the tunable) held
+# 1.0 GB. So `auto` is the tunable: nearly all of the gain, none of the memory; the libraries
+# run only when named.
 CANDIDATES = (
     Allocator("jemalloc", tuple(f"{d}/libjemalloc.so.2" for d in _LIB_DIRS),
-              (("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1"),), auto=True),
+              (("MALLOC_CONF", "dirty_decay_ms:-1,muzzy_decay_ms:-1"),)),
     Allocator("tcmalloc", tuple(f"{d}/libtcmalloc_minimal.so.4" for d in _LIB_DIRS)
               + tuple(f"{d}/libtcmalloc.so.4" for d in _LIB_DIRS),
               # No "large allocation" report on stderr for XLA's big scratch buffers.
