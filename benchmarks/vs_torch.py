@@ -31,6 +31,7 @@ B, L = 4, 256
 
 def child(args) -> dict:
   """Times both steps in this process; returns the medians (ms) and first losses."""
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -46,9 +47,8 @@ def child(args) -> dict:
   cfg = model_lib.ModelConfig(**quietstar_step.MODEL, **dict(args.model_overrides))
   module = model_lib.Transformer(cfg)
   tokens_np = np.random.default_rng(0).integers(3, cfg.vocab_size - 2, (B, L)).astype(np.int32)
-  params = jax.device_get(module.init(jax.random.key(0), jnp.asarray(tokens_np))["params"])
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  params = nn.unbox(params)
+  params = module.init(jax.random.key(0), jnp.asarray(tokens_np))["params"]
+  params = nn.unbox(jax.device_get(params))
 
   # jaxstar
   optim = train_lib.OptimConfig(lr=1e-4, clip_norm=1.0)

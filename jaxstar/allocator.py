@@ -32,7 +32,6 @@ class Allocator:
   name: str
   patterns: tuple[str, ...]  # globs, system library folders and site-packages
   env: tuple[tuple[str, str], ...] = ()
-  auto: bool = False  # chosen by `auto` when found (else only when named)
 
   def find(self) -> str | None:
     for pattern in self.patterns:
@@ -77,21 +76,20 @@ def choose(setting: str | None = None) -> tuple[str, str | None, dict[str, str]]
     return "off", None, {}
   tunable = {"GLIBC_TUNABLES": ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"),
                                                       GLIBC_TUNABLE]))}
-  if setting == "glibc":
+  if setting in ("auto", "glibc"):
     return "glibc", None, tunable
   if os.path.sep in setting:
     if not os.path.isfile(setting):
       raise FileNotFoundError(f"{ENV}={setting!r} is not a file")
     return os.path.basename(setting), setting, {}
-  names = [c.name for c in CANDIDATES]
-  if setting != "auto" and setting not in names:
-    raise ValueError(f"{ENV}={setting!r}; choose auto, off, glibc, one of {names}, or a path")
-  for candidate in CANDIDATES:
-    if (setting == "auto" and candidate.auto) or setting == candidate.name:
-      path = candidate.find()
-      if path:
-        return candidate.name, path, dict(candidate.env)
-  return "glibc", None, tunable  # nothing preloadable found: the tunable alone
+  candidate = {c.name: c for c in CANDIDATES}.get(setting)
+  if candidate is None:
+    raise ValueError(f"{ENV}={setting!r}; choose auto, off, glibc, one of "
+                     f"{[c.name for c in CANDIDATES]}, or a path")
+  path = candidate.find()
+  if path is None:
+    return "glibc", None, tunable  # the named library is not installed: the tunable alone
+  return candidate.name, path, dict(candidate.env)
 
 
 def environment(name: str, path: str | None, env: dict[str, str],

@@ -416,9 +416,10 @@ class Run:
       nonlocal history
       if not history:
         return
-      for i, m in enumerate(jax.device_get(history)):
-        train_lib.check_finite(m, step - len(history) + i + 1, skip)
-      metrics = mean_metrics(history)
+      host = jax.device_get(history)
+      for i, m in enumerate(host):
+        train_lib.check_finite(m, step - len(host) + i + 1, skip)
+      metrics = mean_metrics(host)
       now = time.perf_counter()
       metrics["tokens_per_s"] = (tokens_per_step * (step - clock["step"])
                                  / max(now - clock["time"], 1e-9))
@@ -445,17 +446,19 @@ class Run:
           stop = preemption.should_stop(step) or step == config.stop_at_step
           evaluating = evaluate is not None and config.eval_every and (
               step % config.eval_every == 0 or last)
-          if not (log or stop or evaluating or ckpt.should_save(step)):
+          saving = ckpt.should_save(step) or last or stop
+          if not (log or evaluating or saving):
             continue
           with jax.transfer_guard_device_to_host("allow"):
             if log:
               flush(step)
               stop = preemption.poll() or stop
+              saving = saving or stop
             if evaluating:
               eval_metrics = evaluate(step, state.params)
               writer.write(step, eval_metrics)
               summary.update(eval_metrics)
-            if ckpt.should_save(step) or last or stop:
+            if saving:
               flush(step)  # never save a state whose loss was not checked
               ckpt.save(step, state, data_iter=data_iter, config=config.to_dict(), force=True)
             if stop:
