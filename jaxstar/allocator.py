@@ -74,8 +74,8 @@ def choose(setting: str | None = None) -> tuple[str, str | None, dict[str, str]]
   setting = (setting if setting is not None else os.environ.get(ENV, "auto")).strip() or "auto"
   if setting == "off":
     return "off", None, {}
-  tunable = {"GLIBC_TUNABLES": ":".join(filter(None, [os.environ.get("GLIBC_TUNABLES"),
-                                                      GLIBC_TUNABLE]))}
+  tunables = [t for t in os.environ.get("GLIBC_TUNABLES", "").split(":") if t]
+  tunable = {"GLIBC_TUNABLES": ":".join(dict.fromkeys(tunables + [GLIBC_TUNABLE]))}
   if setting in ("auto", "glibc"):
     return "glibc", None, tunable
   if os.path.sep in setting:
