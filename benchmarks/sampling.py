@@ -9,14 +9,14 @@ import platform
 import jax
 
 from benchmarks import common
-from jaxstar.quietstar import thoughts
+from jaxstar import sampling
 
 SHAPES = ((2048, 4096), (256, 32002), (2048, 32002))
 
 
 def main():
   gumbel = jax.jit(lambda key, x: jax.random.categorical(key, x, axis=-1))
-  inverse_cdf = jax.jit(thoughts.sample_inverse_cdf)
+  inverse_cdf = jax.jit(sampling.sample_inverse_cdf)
   rows = []
   for shape in SHAPES:
     logits = jax.random.normal(jax.random.key(0), shape)

@@ -172,7 +172,12 @@ class Transformer(nn.Module):
     Returns:
       (logits [B, Q, V] fp32, updated cache).
     """
-    b, q = tokens_bq.shape
+    hidden, cache = self.decode_hidden(self.embed(tokens_bq), cache, token_mask_bq, positions_bq)
+    return self.logits(hidden), cache
+
+  def decode_hidden(self, x_bqd, cache: KVCache, token_mask_bq=None, positions_bq=None):
+    """`decode` from input embeddings [B, Q, D]; returns (hidden [B, Q, D], updated cache)."""
+    b, q, _ = x_bqd.shape
     q_idx = cache.index + jnp.arange(q, dtype=jnp.int32)
     if positions_bq is None:
       positions_bq = jnp.broadcast_to(q_idx, (b, q))
@@ -182,11 +187,20 @@ class Transformer(nn.Module):
                                          (jnp.zeros_like(cache.index), cache.index))
     k_idx = jnp.arange(cache.max_len, dtype=jnp.int32)
     mask = attention.visible_keys(q_idx, k_idx, valid, self.cfg.sliding_window)
-    attend = attention.CachedAttend(index=cache.index, mask_bqs=mask)
-    hidden, (k, v) = self.run_layers(self.embed(tokens_bq), positions_bq, attend,
-                                     (cache.k, cache.v))
-    new_cache = KVCache(k=k, v=v, valid=valid, index=cache.index + q)
-    return self.logits(hidden), new_cache
+    hidden, cache = self.cached_layers(x_bqd, positions_bq, cache, mask)
+    return hidden, cache.replace(valid=valid, index=cache.index + q)
+
+  def cached_layers(self, x_bqd, positions_bq, cache: KVCache, mask_bqs):
+    """The layers over Q inputs whose keys/values go to slots cache.index .. + Q - 1, query q
+    seeing the slots where `mask_bqs` [B, Q, S] is True (its own slot included).
+
+    The lowest-level cached call: `valid` and `index` are left as they are, so a caller can
+    write scratch slots past the text (the thought branch of `jaxstar.quietstar.decoding`)
+    that the next real token overwrites. Returns (hidden [B, Q, D], cache with the new k/v).
+    """
+    attend = attention.CachedAttend(index=cache.index, mask_bqs=mask_bqs)
+    hidden, (k, v) = self.run_layers(x_bqd, positions_bq, attend, (cache.k, cache.v))
+    return hidden, cache.replace(k=k, v=v)
 
 
 @functools.lru_cache(maxsize=None)

@@ -39,6 +39,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jaxstar import sampling
 from jaxstar.model import attention
 from jaxstar.model import transformer
 from jaxstar.model.config import ModelConfig
@@ -436,11 +437,10 @@ def sample_thought(key, logits, greedy):
   softmax(logits) at temperature 1, or the argmax. No gradient (no straight-through): only REINFORCE
   teaches the choice.
 
-  Sampling is by inverse CDF, one uniform number per row: exact, and on CPU several times
-  cheaper than Gumbel-max, which draws and takes two logarithms of a number per vocabulary entry.
+  Sampling is by inverse CDF (`jaxstar.sampling.sample_inverse_cdf`).
   """
   logits = jax.lax.stop_gradient(logits)
-  token = jnp.argmax(logits, axis=-1) if greedy else sample_inverse_cdf(key, logits)
+  token = jnp.argmax(logits, axis=-1) if greedy else sampling.sample_inverse_cdf(key, logits)
   return token.astype(jnp.int32)
 
 
@@ -449,10 +449,3 @@ def thought_logprob(logits, tokens, temperature):
   with start/end masked (with gradient: the REINFORCE score function)."""
   logprob = jax.nn.log_softmax(logits / temperature, axis=-1)
   return jnp.take_along_axis(logprob, tokens[..., None], axis=-1)[..., 0]
-
-
-def sample_inverse_cdf(key, logits):
-  """One draw per row from softmax(logits) [..., V]: the first id whose CDF reaches u ~ U(0, 1)."""
-  cdf = jnp.cumsum(jax.nn.softmax(logits, axis=-1), axis=-1)
-  u = jax.random.uniform(key, logits.shape[:-1] + (1,), cdf.dtype) * cdf[..., -1:]
-  return jnp.minimum(jnp.sum(cdf < u, axis=-1), logits.shape[-1] - 1)
