@@ -292,6 +292,38 @@ def stop_token_sequences(tokenizer, stop: Sequence[str]) -> tuple[tuple[int, ...
   return tuple(dict.fromkeys(s for s in out if s))
 
 
+def mesh_context(mesh):
+  """The mesh and logical rules for a jitted call (nothing without a mesh)."""
+  return contextlib.nullcontext() if mesh is None else sharding.use_mesh(mesh)
+
+
+def place_rows(array: np.ndarray, mesh=None):
+  """A global array of host rows on the mesh's batch axes; each process supplies the rows of
+  its own devices (every process holds the same host array)."""
+  if mesh is None:
+    return jnp.asarray(array)
+  spec = sharding.batch_sharding(mesh, array.ndim)
+  return jax.make_array_from_callback(array.shape, spec, lambda index: array[index])
+
+
+def gather_rows(tree):
+  """Every row of every output, on every process, as numpy."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
+                        tree)
+  return jax.tree.map(np.asarray, jax.device_get(tree))
+
+
+def check_batch_size(batch_size: int, mesh) -> None:
+  """A UserError unless `batch_size` rows split evenly over the mesh's batch axes."""
+  if mesh is not None:
+    rows = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+    if batch_size % rows:
+      raise UserError(f"batch_size={batch_size} is not a multiple of the mesh's "
+                      f"{rows} batch shards ({dict(mesh.shape)})")
+
+
 def text_vocab_size(tokenizer) -> int:
   """Ids below this are text: every jaxstar tokenizer puts its two thought tokens last."""
   return min(tokenizer.start_thought_id, tokenizer.end_thought_id)
@@ -324,11 +356,7 @@ class Sampler:
     self.decoder, self.params, self.tokenizer = decoder, params, tokenizer
     self.mesh = mesh
     self.batch_size, self.max_len, self.buckets = batch_size, max_len, tuple(buckets)
-    if mesh is not None:
-      rows = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
-      if batch_size % rows:
-        raise UserError(f"batch_size={batch_size} is not a multiple of the mesh's "
-                        f"{rows} batch shards ({dict(mesh.shape)})")
+    check_batch_size(batch_size, mesh)
     self._compiled = {}
 
   def encode(self, prompts: Sequence[str | Sequence[int]]) -> list[list[int]]:
@@ -381,9 +409,9 @@ class Sampler:
       mask[r, length - len(row):] = True
     key = jax.random.fold_in(jax.random.key(cfg.seed), batch_index)
     fn = self._program(length, cfg, stop_seqs)
-    with self._mesh_context():
-      out = fn(self.params, self._place(tokens), self._place(mask), key)
-    out = self._gather(out)
+    with mesh_context(self.mesh):
+      out = fn(self.params, place_rows(tokens, self.mesh), place_rows(mask, self.mesh), key)
+    out = gather_rows(out)
     return out[0][:len(rows)], {k: v[:len(rows)] for k, v in out[1].items()}
 
   def _program(self, length: int, cfg: SamplingConfig, stop_seqs):
@@ -394,26 +422,6 @@ class Sampler:
                              num_text_ids=text_vocab_size(self.tokenizer))
       self._compiled[key] = jax.jit(fn)
     return self._compiled[key]
-
-  def _mesh_context(self):
-    if self.mesh is None:
-      return contextlib.nullcontext()
-    return sharding.use_mesh(self.mesh)
-
-  def _place(self, array: np.ndarray):
-    """A global array of the host rows; each process supplies its devices' rows."""
-    if self.mesh is None:
-      return jnp.asarray(array)
-    spec = sharding.batch_sharding(self.mesh, array.ndim)
-    return jax.make_array_from_callback(array.shape, spec, lambda index: array[index])
-
-  def _gather(self, tree):
-    """Every row of every output on every process, as numpy."""
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return jax.tree.map(lambda x: np.asarray(multihost_utils.process_allgather(x, tiled=True)),
-                          tree)
-    return jax.tree.map(np.asarray, jax.device_get(tree))
 
   def _result(self, tokens: np.ndarray, cfg: SamplingConfig, aux) -> Generation:
     length = int(np.sum(np.cumprod(tokens >= 0)))
