@@ -78,6 +78,28 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def eval_config(**overrides) -> ml_collections.ConfigDict:
+  """The `config.eval` block of the eval stage (jaxstar/evals/stage.py), then `overrides`."""
+  cfg = ml_collections.ConfigDict(dict(
+      task="gsm8k",              # gsm8k | commonsenseqa | arithmetic (the tiny corpus format)
+      split="",                  # '' = the task's evaluation split (GSM8K test, CSQA validation)
+      data_path="",              # jsonl copy of the split; '' = the Hugging Face Hub
+      limit=0,                   # first N items only (0: all; arithmetic: 100)
+      metrics="paper,few_shot",  # comma-separated: paper, few_shot, zero_shot
+      thoughts="both",           # both | on | off: with and/or without thoughts (Quiet-STaR)
+      n_ahead=0,                 # thought length at eval (0: as trained)
+      max_new_tokens=256,        # generation budget (few-shot / zero-shot first stage)
+      temperature=0.0,           # 0 = greedy; > 0 samples (needed for num_samples > 1)
+      top_p=1.0,                 # nucleus sampling mass
+      num_samples=1,             # generations per item, majority-voted (zero-shot maj@8: 8)
+      batch_size=8,              # rows per device program (a multiple of the batch shards)
+      max_length=2048,           # longest context; longer prompts lose their start
+      arithmetic_digits=2,       # arithmetic operands have up to this many digits
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields every stage reads."""
   config = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ from jaxstar.errors import UserError
 STAGES = {
     "pretrain": "jaxstar.pretrain",
     "quietstar": "jaxstar.quietstar.trainer",
+    "eval": "jaxstar.evals.stage",
 }
 
 
