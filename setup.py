@@ -33,10 +33,14 @@ EXTRAS_REQUIRE = {
         "safetensors",
         "nbclient",
         "ipykernel",
+        "lm_eval==0.4.13",  # tests/lm_eval_adapter_test.py (skipped without it)
     ],
     "torch": ["torch==2.13.0", "transformers", "safetensors"],
     "colab": ["ipykernel", "nbclient", "matplotlib"],
     "hf": ["datasets"],
+    # lm-evaluation-harness drives a jaxstar model through jaxstar.evals.lm_eval_adapter.
+    # 0.4.13 installs beside torch==2.13.0 and numpy<2.4 without changing either.
+    "lm-eval": ["lm_eval==0.4.13"],
 }
 
 setuptools.setup(
