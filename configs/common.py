@@ -100,6 +100,18 @@ def eval_config(**overrides) -> ml_collections.ConfigDict:
   return cfg
 
 
+def eval_stage_config(init_from: str = "", mesh_shape=(-1, 1, 1),
+                      **eval_overrides) -> ml_collections.ConfigDict:
+  """A whole config of the eval stage: `base_config`, then the `eval` block."""
+  config = base_config()
+  config.stage = "eval"
+  config.tokenizer = ""                 # '' = the run's own ('mistral' for a HF folder)
+  config.init_from = init_from          # the run directory or HF folder to evaluate
+  config.mesh_shape = mesh_shape        # rows over the data axis (batch_size must divide)
+  config.eval = eval_config(**eval_overrides)
+  return config
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields every stage reads."""
   config = ml_collections.ConfigDict()

@@ -10,11 +10,7 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  config = common.base_config()
-  config.stage = "eval"
-  config.tokenizer = ""                 # '' = the run's own ('mistral' for a HF folder)
-  config.init_from = "workdirs/demo/quietstar"  # a tiny run (make demo writes this one)
-  config.mesh_shape = (-1, 1, 1)        # rows over every device (batch_size must divide)
-  config.eval = common.eval_config(task="arithmetic", metrics="paper,few_shot", limit=100,
-                                   max_new_tokens=6, batch_size=16)
-  return config
+  # workdirs/demo/quietstar: the tiny run `make demo` writes.
+  return common.eval_stage_config("workdirs/demo/quietstar", task="arithmetic",
+                                  metrics="paper,few_shot", limit=100, max_new_tokens=6,
+                                  batch_size=16)

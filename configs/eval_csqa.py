@@ -12,11 +12,5 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  config = common.base_config()
-  config.stage = "eval"
-  config.tokenizer = ""                 # '' = the run's own ('mistral' for a HF folder)
-  config.init_from = ""                 # the run directory or HF folder to evaluate
-  config.mesh_shape = (-1, 1, 1)
-  config.eval = common.eval_config(task="commonsenseqa", metrics="paper,few_shot",
-                                   max_new_tokens=96)
-  return config
+  return common.eval_stage_config(task="commonsenseqa", metrics="paper,few_shot",
+                                  max_new_tokens=96)

@@ -14,10 +14,4 @@ from configs import common
 
 def get_config(arg=None):
   del arg
-  config = common.base_config()
-  config.stage = "eval"
-  config.tokenizer = ""                 # '' = the run's own ('mistral' for a HF folder)
-  config.init_from = ""                 # the run directory or HF folder to evaluate
-  config.mesh_shape = (-1, 1, 1)
-  config.eval = common.eval_config(task="gsm8k", metrics="paper,few_shot")
-  return config
+  return common.eval_stage_config(task="gsm8k", metrics="paper,few_shot")
