@@ -140,7 +140,8 @@ class PlainDecoder:
   def prefill(self, params, tokens_bl, mask_bl, positions_bl, cache, rng):
     del rng
     logits, cache = self.module.apply({"params": params}, tokens_bl, cache, mask_bl,
-                                      positions_bl, method=transformer.Transformer.decode)
+                                      positions_bl, empty_cache=True,
+                                      method=transformer.Transformer.decode)
     return logits[:, -1], cache, {}
 
   def step(self, params, tokens_b, positions_b, cache, rng):

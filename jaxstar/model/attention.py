@@ -111,21 +111,36 @@ class CausalAttend:
 
 @flax.struct.dataclass
 class CachedAttend:
-  """Attention of Q new tokens against a per-layer KV cache that they are first written into.
+  """Attention of Q new tokens against a per-layer KV cache and against each other.
 
   Attributes:
-    index: int32 scalar, the cache slot of the first new token.
-    mask_bqs: [B, Q, S] bool visibility of every cache slot for every new token.
-  `layer_state` is the layer's `(k_bske, v_bske)` cache; the updated cache is returned.
+    index: int32 scalar, the cache slot the first new token will take.
+    mask_bqs: [B, Q, S] bool visibility of every cache slot for every new token, the new
+      tokens' own slots (index .. index + Q - 1) included.
+    empty: the cache holds nothing yet (a prefill): attend within the new tokens only
+      (static; spares XLA folding a fully masked cache part as a constant).
+  `layer_state` is the layer's `(k_bske, v_bske)` cache, read but not written: the keys and
+  values of slots before `index` come from it, those of the new tokens from the block itself.
+  Each layer returns its new (k, v) [B, Q, K, E], which the caller writes into the cache once
+  for all layers after the layer scan (`Transformer.cached_layers`). Writing the cache inside
+  the scan would copy every layer's whole cache each step.
   """
   index: jax.Array
   mask_bqs: jax.Array
+  empty: bool = flax.struct.field(pytree_node=False, default=False)
 
   def __call__(self, q, k, v, layer_state):
     cache_k, cache_v = layer_state
-    zero = jnp.zeros_like(self.index)  # one index dtype, also under x64
-    start = (zero, self.index, zero, zero)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
-    out = dot_attention(q, cache_k, cache_v, self.mask_bqs)
-    return out, (cache_k, cache_v)
+    k, v = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
+    s_len, q_len = cache_k.shape[1], q.shape[1]
+    new = jax.lax.dynamic_slice_in_dim(self.mask_bqs, self.index, q_len, axis=2)   # [B, Q, Q]
+    if self.empty:
+      return dot_attention(q, k, v, new), (k, v)
+    old = self.mask_bqs & (jnp.arange(s_len) < self.index)
+    scores = jnp.concatenate([
+        jnp.where(old[:, None, None], attention_scores(q, cache_k), MASK_VALUE),
+        jnp.where(new[:, None, None], attention_scores(q, k), MASK_VALUE)], axis=-1)
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = (weighted_values(probs[..., :s_len], cache_v)
+           + weighted_values(probs[..., s_len:], v))
+    return out, (k, v)

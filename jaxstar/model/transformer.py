@@ -161,7 +161,8 @@ class Transformer(nn.Module):
     logits = self.logits(hidden)
     return (logits, hidden) if return_hidden else logits
 
-  def decode(self, tokens_bq, cache: KVCache, token_mask_bq=None, positions_bq=None):
+  def decode(self, tokens_bq, cache: KVCache, token_mask_bq=None, positions_bq=None,
+             empty_cache: bool = False):
     """Feeds Q tokens through the KV cache: a prefill (Q = prompt length) or a decode step (Q = 1).
 
     Args:
@@ -169,13 +170,17 @@ class Transformer(nn.Module):
       cache: the `KVCache` (its buffers can be donated by the caller's jit).
       token_mask_bq: optional bool [B, Q], False for padding tokens (never attended later).
       positions_bq: optional RoPE positions [B, Q]; defaults to the slot indices.
+      empty_cache: static promise that the cache holds nothing yet (a prefill): the new
+        tokens attend only to each other (`attention.CachedAttend.empty`).
     Returns:
       (logits [B, Q, V] fp32, updated cache).
     """
-    hidden, cache = self.decode_hidden(self.embed(tokens_bq), cache, token_mask_bq, positions_bq)
+    hidden, cache = self.decode_hidden(self.embed(tokens_bq), cache, token_mask_bq, positions_bq,
+                                       empty_cache)
     return self.logits(hidden), cache
 
-  def decode_hidden(self, x_bqd, cache: KVCache, token_mask_bq=None, positions_bq=None):
+  def decode_hidden(self, x_bqd, cache: KVCache, token_mask_bq=None, positions_bq=None,
+                    empty_cache: bool = False):
     """`decode` from input embeddings [B, Q, D]; returns (hidden [B, Q, D], updated cache)."""
     b, q, _ = x_bqd.shape
     q_idx = cache.index + jnp.arange(q, dtype=jnp.int32)
@@ -187,10 +192,11 @@ class Transformer(nn.Module):
                                          (jnp.zeros_like(cache.index), cache.index))
     k_idx = jnp.arange(cache.max_len, dtype=jnp.int32)
     mask = attention.visible_keys(q_idx, k_idx, valid, self.cfg.sliding_window)
-    hidden, cache = self.cached_layers(x_bqd, positions_bq, cache, mask)
+    hidden, cache = self.cached_layers(x_bqd, positions_bq, cache, mask, empty_cache)
     return hidden, cache.replace(valid=valid, index=cache.index + q)
 
-  def cached_layers(self, x_bqd, positions_bq, cache: KVCache, mask_bqs):
+  def cached_layers(self, x_bqd, positions_bq, cache: KVCache, mask_bqs,
+                    empty_cache: bool = False):
     """The layers over Q inputs whose keys/values go to slots cache.index .. + Q - 1, query q
     seeing the slots where `mask_bqs` [B, Q, S] is True (its own slot included).
 
@@ -198,9 +204,12 @@ class Transformer(nn.Module):
     write scratch slots past the text (the thought branch of `jaxstar.quietstar.decoding`)
     that the next real token overwrites. Returns (hidden [B, Q, D], cache with the new k/v).
     """
-    attend = attention.CachedAttend(index=cache.index, mask_bqs=mask_bqs)
-    hidden, (k, v) = self.run_layers(x_bqd, positions_bq, attend, (cache.k, cache.v))
-    return hidden, cache.replace(k=k, v=v)
+    attend = attention.CachedAttend(index=cache.index, mask_bqs=mask_bqs, empty=empty_cache)
+    hidden, (k_new, v_new) = self.run_layers(x_bqd, positions_bq, attend, (cache.k, cache.v))
+    zero = jnp.zeros_like(cache.index)
+    start = (zero, zero, cache.index, zero, zero)       # every layer's new slots at once
+    return hidden, cache.replace(k=jax.lax.dynamic_update_slice(cache.k, k_new, start),
+                                 v=jax.lax.dynamic_update_slice(cache.v, v_new, start))
 
 
 @functools.lru_cache(maxsize=None)

@@ -134,9 +134,11 @@ def think(m: QuietStarModel, cache, start_h, base_h, position_b, prefix_bs, scra
 
 def prefill_thought(m: QuietStarModel, tokens_bl, mask_bl, positions_bl, cache, rng,
                     greedy=False, forced_bt=None):
-  """The prompt through the cache, then the start vector and the thought after its last token.
+  """The prompt through an empty cache, then the start vector and the thought after its last
+  token.
   Returns `think`'s (logits, cache, aux) with the cache's index after the prompt."""
-  hidden, cache = m.lm.decode_hidden(m.lm.embed(tokens_bl), cache, mask_bl, positions_bl)
+  hidden, cache = m.lm.decode_hidden(m.lm.embed(tokens_bl), cache, mask_bl, positions_bl,
+                                     empty_cache=True)
   x_slot = cache.index - 1
   slots = jnp.arange(cache.max_len, dtype=jnp.int32)
   prefix = attention.visible_keys(x_slot[None], slots, cache.valid, m.cfg.sliding_window)
