@@ -34,10 +34,8 @@ import argparse
 import os
 import platform
 import resource
-import sys
 import tempfile
 import time
-import types
 
 import numpy as np
 
@@ -66,28 +64,6 @@ class _Ids:
 
   def decode(self, ids):
     return " ".join(map(str, ids))
-
-
-def _import_paper_metric():
-  """`jaxstar.evals.paper_metric` and `jaxstar.data.tasks` without running
-  jaxstar/data/__init__.py, which imports the grain input pipeline (`jaxstar.data.lm`) that
-  this benchmark has no use for: `paper_metric` needs only `tasks.Example`. For the duration
-  of the import, `jaxstar.data` is a bare package whose submodules load on their own."""
-  if "jaxstar.data" in sys.modules:
-    from jaxstar.data import tasks  # pylint: disable=g-import-not-at-top
-    from jaxstar.evals import paper_metric  # pylint: disable=g-import-not-at-top
-    return paper_metric, tasks
-  import jaxstar  # pylint: disable=g-import-not-at-top
-  bare = types.ModuleType("jaxstar.data")
-  bare.__path__ = [os.path.join(os.path.dirname(jaxstar.__file__), "data")]
-  sys.modules["jaxstar.data"] = bare
-  try:
-    from jaxstar.data import tasks  # pylint: disable=g-import-not-at-top
-    from jaxstar.evals import paper_metric  # pylint: disable=g-import-not-at-top
-  finally:
-    # A later `import jaxstar.data` then runs the real __init__ (reusing these submodules).
-    del sys.modules["jaxstar.data"]
-  return paper_metric, tasks
 
 
 def _median_times(fns, repeats):
@@ -253,8 +229,9 @@ def bench_paper(cfg, params, repeats, notes):
   from jaxstar.quietstar import config as qs_config  # pylint: disable=g-import-not-at-top
   from jaxstar.quietstar import decoding  # pylint: disable=g-import-not-at-top
   from jaxstar.quietstar import thoughts  # pylint: disable=g-import-not-at-top
+  from jaxstar.data import tasks  # pylint: disable=g-import-not-at-top
+  from jaxstar.evals import paper_metric  # pylint: disable=g-import-not-at-top
 
-  paper_metric, tasks = _import_paper_metric()
   tok = tokenizer_lib.get_tokenizer("bytes")
   valid = paper_metric.valid_answer_ids(tok, "gsm8k")
   tokens, mask, answers = paper_inputs(paper_metric, tasks, tok)

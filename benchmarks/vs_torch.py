@@ -72,7 +72,7 @@ def child(args) -> dict:
   # transformers, from the same weights
   with tempfile.TemporaryDirectory() as folder:
     hf_io.save_hf(params, cfg, folder)
-    hf = transformers.MistralForCausalLM.from_pretrained(folder, torch_dtype=torch.float32,
+    hf = transformers.MistralForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                         attn_implementation="sdpa")
   hf.train()
   torch_opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8,
