@@ -115,6 +115,9 @@ def test_greedy_thought_generation_equals_recomputing_every_position():
       assert gen.tokens == out, prompt
       assert gen.aux["thoughts"].shape == (len(out), model.qs.num_sampled)
       assert np.all(gen.aux["mix_weight"] != 0)
+      trace = decoding.thought_trace(TOK, gen)
+      assert [t for t, _, _ in trace] == [TOK.decode([t]) for t in out]
+      assert trace[0][1] == TOK.decode(list(gen.aux["thoughts"][0]))
 
 
 def test_mixed_logits_at_chosen_positions_equal_all_positions():

@@ -204,3 +204,11 @@ def mixed_logits_at(m: QuietStarModel, tokens_bl, mask_bl, positions_bc, rng, *,
   out = m.chunk_passes(prefix_kv, rng, jnp.zeros((), jnp.int32), x, greedy=greedy,
                        return_logits=True)
   return out["talk_logits"][:, :, 0], m.lm.logits(base_at)
+
+
+def thought_trace(tokenizer, generation) -> list[tuple[str, str, float]]:
+  """(token text, the thought before it as text, mixing weight) per generated token of a
+  `sampling.Generation` from a `ThoughtDecoder` (for notebooks and inspection)."""
+  thoughts, weights = generation.aux["thoughts"], generation.aux["mix_weight"]
+  return [(tokenizer.decode([t]), tokenizer.decode(list(th)), float(w))
+          for t, th, w in zip(generation.tokens, thoughts, weights)]
