@@ -117,7 +117,8 @@ def test_greedy_thought_generation_equals_recomputing_every_position():
       assert np.all(gen.aux["mix_weight"] != 0)
       trace = decoding.thought_trace(TOK, gen)
       assert [t for t, _, _ in trace] == [TOK.decode([t]) for t in out]
-      assert trace[0][1] == TOK.decode(list(gen.aux["thoughts"][0]))
+      assert trace[0][1] == "".join(TOK.decode([i]) if i < TOK.vocab_size else f"<id {i}>"
+                                    for i in gen.aux["thoughts"][0])
 
 
 def test_mixed_logits_at_chosen_positions_equal_all_positions():

@@ -208,7 +208,14 @@ def mixed_logits_at(m: QuietStarModel, tokens_bl, mask_bl, positions_bc, rng, *,
 
 def thought_trace(tokenizer, generation) -> list[tuple[str, str, float]]:
   """(token text, the thought before it as text, mixing weight) per generated token of a
-  `sampling.Generation` from a `ThoughtDecoder` (for notebooks and inspection)."""
+  `sampling.Generation` from a `ThoughtDecoder` (for notebooks and inspection).
+
+  Thoughts are drawn from the model's whole vocabulary, as in training; an id past the
+  tokenizer's (a small model's spare embedding rows) shows as "<id N>".
+  """
+  def text(ids):
+    return "".join(tokenizer.decode([i]) if i < tokenizer.vocab_size else f"<id {i}>"
+                   for i in map(int, ids))
   thoughts, weights = generation.aux["thoughts"], generation.aux["mix_weight"]
-  return [(tokenizer.decode([t]), tokenizer.decode(list(th)), float(w))
+  return [(text([t]), text(th), float(w))
           for t, th, w in zip(generation.tokens, thoughts, weights)]
