@@ -105,3 +105,27 @@ def test_bad_eval_input_is_a_clear_error(quietstar_run, tmp_path):
   c = _config(str(tmp_path / "nowhere"))
   with pytest.raises(UserError, match="is not a folder"):
     stages.run(c, str(tmp_path / "d"))
+
+
+@pytest.mark.parametrize("task", ["gsm8k", "commonsenseqa"])
+def test_question_answering_metrics_run_on_fixture_data(quietstar_run, tmp_path, task):
+  """Paper metric, few-shot and zero-shot chain of thought (with a vote of two samples) on
+  the tiny run over the repository's small task fixtures: every metric, every item."""
+  from configs import eval_csqa  # pylint: disable=g-import-not-at-top
+  c = (eval_gsm8k if task == "gsm8k" else eval_csqa).get_config()
+  split = "gsm8k_test.jsonl" if task == "gsm8k" else "commonsenseqa_dev.jsonl"
+  c.init_from = quietstar_run
+  c.update_from_flattened_dict({
+      "eval.data_path": os.path.join(ROOT, "tests", "testdata", split), "eval.limit": 3,
+      "eval.metrics": "paper,few_shot,zero_shot", "eval.max_new_tokens": 6,
+      "eval.num_samples": 2, "eval.temperature": 1.0, "eval.batch_size": 8,
+      "eval.max_length": 512, "eval.thoughts": "off"})
+  workdir = str(tmp_path / task)
+  results = stages.run(c, workdir)
+  assert set(results) == {"paper", "few_shot", "zero_shot"}
+  assert 0 < results["paper"] < 1
+  rows = _predictions(workdir)
+  assert len(rows) == 3 * 3
+  for row in rows:
+    if row["metric"] != "paper":
+      assert len(row["generations"]) == 2

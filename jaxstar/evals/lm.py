@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 from typing import Callable, Sequence
 
@@ -265,7 +266,22 @@ class LanguageModel:
   def sample(self, prompts: Sequence[str | Sequence[int]], cfg: sampling.SamplingConfig, *,
              thoughts: bool = False, progress=None) -> list[sampling.Generation]:
     """`sampling.Generation`s (text, tokens, finish, and with thoughts each token's thought
-    ids and mixing weight in `aux`)."""
+    ids and mixing weight in `aux`).
+
+    A prompt longer than `max_length - cfg.max_new_tokens` tokens keeps its BOS and its last
+    tokens (as the STaR code keeps the end of over-long few-shot contexts), with a warning.
+    """
+    limit = self.max_length - cfg.max_new_tokens
+    if limit < 2:
+      raise UserError(f"max_new_tokens={cfg.max_new_tokens} leaves no room for a prompt in "
+                      f"max_length={self.max_length}")
+    ids = [self.tokenizer.encode(p, bos=True) if isinstance(p, str) else list(p)
+           for p in prompts]
+    long = sum(len(i) > limit for i in ids)
+    if long:
+      logging.warning("%d of %d prompts are longer than max_length - max_new_tokens = %d "
+                      "tokens: they keep BOS and their last tokens", long, len(ids), limit)
+      ids = [i if len(i) <= limit else i[:1] + i[len(i) - limit + 1:] for i in ids]
     if thoughts not in self._samplers:
       if thoughts:
         m = self.thought_model()
@@ -276,7 +292,7 @@ class LanguageModel:
       self._samplers[thoughts] = sampling.Sampler(decoder, params, self.tokenizer, mesh=self.mesh,
                                                   batch_size=self.batch_size,
                                                   max_len=self.max_length)
-    return self._samplers[thoughts].generate(prompts, cfg, progress=progress)
+    return self._samplers[thoughts].generate(ids, cfg, progress=progress)
 
   def generate(self, prompts: Sequence[str], *, max_new_tokens: int, temperature: float = 0.0,
                top_k: int = 0, top_p: float = 1.0, stop: tuple[str, ...] = (),
