@@ -182,17 +182,20 @@ def check_finite(metrics: Mapping[str, Any], step: int, skip_nonfinite: bool) ->
         f"--config.nonfinite=skip to skip such updates.")
 
 
-def next_token_loss(logits_blv, tokens_bl, mask_bl, segment_ids_bl=None):
+def next_token_loss(logits_blv, tokens_bl, mask_bl, segment_ids_bl=None, target_mask_bl=None):
   """Mean next-token cross-entropy over real targets, in fp32 (or wider). Returns (loss, n).
 
   In a packed row (`segment_ids_bl`) the first token of a document is no target of the last
-  token of the one before.
+  token of the one before. With `target_mask_bl` only the tokens marked there are targets
+  (e.g. a completion after its prompt, `jaxstar.data.sft`).
   """
   logits = logits_blv[:, :-1]
   targets = tokens_bl[:, 1:]
   weights = mask_bl[:, 1:] * mask_bl[:, :-1]
   if segment_ids_bl is not None:
     weights = weights * (segment_ids_bl[:, 1:] == segment_ids_bl[:, :-1])
+  if target_mask_bl is not None:
+    weights = weights * target_mask_bl[:, 1:]
   weights = weights.astype(logits.dtype)
   logz = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
