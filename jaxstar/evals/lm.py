@@ -30,13 +30,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import ml_collections
+
 from jaxstar import checkpoint
+from jaxstar import run_lib
 from jaxstar import sampling
 from jaxstar import sharding
 from jaxstar import tokenizer as tokenizer_lib
 from jaxstar.errors import UserError
 from jaxstar.model import transformer
 from jaxstar.quietstar import decoding
+from jaxstar.quietstar import trainer
 from jaxstar.quietstar.config import QuietStarConfig
 from jaxstar.quietstar.thoughts import QuietStarModel
 
@@ -99,12 +103,9 @@ class LanguageModel:
       n_ahead: thought length for a Quiet-STaR run (0: as trained).
       kwargs: `LanguageModel` arguments (batch_size, max_length, seed).
     """
-    from jaxstar import run_lib  # pylint: disable=g-import-not-at-top  # (avoids a cycle)
     mesh = mesh or sharding.make_mesh((1, 1, 1), devices=jax.devices()[:1])
     ckpt_dir = os.path.join(path, "checkpoints")
     if os.path.isdir(ckpt_dir):
-      import ml_collections  # pylint: disable=g-import-not-at-top
-      from jaxstar.quietstar import trainer  # pylint: disable=g-import-not-at-top
       with checkpoint.Checkpointer(ckpt_dir, save_every=0, read_only=True) as saved:
         config = ml_collections.ConfigDict(saved.restore_config())
       tok = _tokenizer(tokenizer or config.tokenizer)
@@ -248,8 +249,7 @@ class LanguageModel:
 
       def logits_fn(params, tokens, mask, positions, rng):
         del rng
-        logits = module.apply({"params": params}, tokens, mask)
-        return jnp.take_along_axis(logits, positions[..., None], axis=1)
+        return module.apply({"params": params}, tokens, mask, positions, method=_logits_at)
 
     def score(params, tokens, mask, positions, targets, rng):
       logits = logits_fn(params, tokens, mask, positions, rng)               # [B, C, V]
@@ -301,6 +301,14 @@ class LanguageModel:
     cfg = sampling.SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                   top_k=top_k, top_p=top_p, stop=tuple(stop), seed=seed)
     return [g.text for g in self.sample(prompts, cfg, thoughts=thoughts)]
+
+
+def _logits_at(lm: transformer.Transformer, tokens_bl, mask_bl, positions_bc):
+  """The plain model's logits [B, C, V] at the chosen positions only (the lm_head on C, not L,
+  hidden states)."""
+  positions, attend = lm.text_attend(tokens_bl, mask_bl.astype(bool))
+  hidden, _ = lm.run_layers(lm.embed(tokens_bl), positions, attend)
+  return lm.logits(jnp.take_along_axis(hidden, positions_bc[..., None], axis=1))
 
 
 def _tokenizer(name: str):

@@ -26,7 +26,9 @@ import logging
 import os
 from typing import Any
 
+import jax
 import numpy as np
+import tqdm
 
 from jaxstar import run_lib
 from jaxstar import sampling
@@ -218,9 +220,9 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   logging.info("eval: %d %s items, metrics %s, thoughts %s", len(items), ev.task, metrics, modes)
 
   results, rows = {}, []
-  is_main = _is_main()
+  is_main = jax.process_index() == 0
   total = sum(len(items) * (1 if m == "paper" else ev.num_samples) for m in metrics) * len(modes)
-  bar = _progress(total, is_main)
+  bar = tqdm.tqdm(total=total, desc="eval", disable=not is_main, unit="item")
   for metric in metrics:
     for thoughts in modes:
       name = f"{metric}{'_thoughts' if thoughts else ''}"
@@ -256,11 +258,3 @@ def _plain(x):
   return x.item() if isinstance(x, np.generic) else str(x)
 
 
-def _is_main() -> bool:
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.process_index() == 0
-
-
-def _progress(total: int, enabled: bool):
-  import tqdm  # pylint: disable=g-import-not-at-top
-  return tqdm.tqdm(total=total, desc="eval", disable=not enabled, unit="item")
