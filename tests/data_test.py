@@ -236,6 +236,35 @@ def test_synthetic_source_from_config(tok):
     assert int(a) + int(b) == int(total) and max(len(a), len(b)) <= 3
 
 
+def test_scratchpad_source_is_star_addition_samples(tok):
+  cfg = dict(source='synthetic', synthetic_format='scratchpad', synthetic_min_digits=2,
+             synthetic_max_digits=3, synthetic_blocks=3, synthetic_docs=40, seq_len=512,
+             num_epochs=1, seed=3)
+  p = data.lm_dataset_from_config(cfg, tok, global_batch_size=4)
+  assert p.num_docs == 40 and len(p.dataset) == 10
+  lengths = set()
+  for i in range(40):
+    doc = data.lm.scratchpad_doc(i, seed=3, min_digits=2, max_digits=3, blocks=3)
+    blocks = doc.split('\n\n')
+    assert len(blocks) == 3
+    sizes = set()
+    for block in blocks:
+      lines = block.split('\n')
+      assert lines[0] == 'Input:' and lines[2] == 'Target:' and lines[3] == '<scratch>'
+      a, b = (int(x.replace(' ', '')) for x in lines[1].split(' + '))
+      sizes.add(len(str(a)))
+      assert lines[-2] == '</scratch>' and lines[-1] == tasks.addition_answer(a, b)
+      assert tasks.check_arithmetic('\n'.join(lines[3:]), tasks.addition_answer(a, b))
+    assert len(sizes) == 1           # one digit count per document
+    lengths |= sizes
+  assert lengths == {2, 3}
+  for bad, match in [(dict(synthetic_min_digits=4), r'min_digits=4 .*max_digits=3'),
+                     (dict(synthetic_blocks=0), r'synthetic_blocks must be >= 1'),
+                     (dict(synthetic_format='poems'), r"synthetic_format='poems'")]:
+    with pytest.raises(errors.UserError, match=match):
+      data.lm_dataset_from_config({**cfg, **bad}, tok, global_batch_size=4)
+
+
 def _write_jsonl(path, lines):
   path.write_text('\n'.join(lines) + '\n')
   return str(path)

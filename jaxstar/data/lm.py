@@ -41,7 +41,12 @@ the config field, or FileNotFoundError for a missing file.
   num_epochs            passes over the data (0: repeat forever).
   skip_malformed        jsonl: skip (and count) malformed rows instead of raising.
   synthetic_docs        number of synthetic documents.
-  synthetic_max_digits  synthetic operands have 1..this many digits.
+  synthetic_format      'sums': lines "12+345=357"; 'scratchpad': STaR's addition blocks
+                        (spec/star.md §2.3), `synthetic_blocks` solved problems of one digit
+                        count per document, separated by blank lines.
+  synthetic_min_digits  synthetic operands have synthetic_min_digits..synthetic_max_digits
+  synthetic_max_digits  digits.
+  synthetic_blocks      scratchpad format: problems per document.
 """
 import dataclasses
 import os
@@ -52,6 +57,7 @@ import jax
 import numpy as np
 
 from jaxstar.data import jsonl
+from jaxstar.data import tasks
 from jaxstar.errors import UserError
 
 SOURCES = ('synthetic', 'jsonl', 'hf')
@@ -59,7 +65,9 @@ MODES = ('crop_pad', 'pack')
 DEFAULTS = dict(
     source='synthetic', paths='', hf_split='train', text_field='text', max_docs=0, skip_docs=0,
     seq_len=256, mode='crop_pad', seed=42, num_epochs=0, skip_malformed=False,
-    synthetic_docs=1000, synthetic_max_digits=5)
+    synthetic_docs=1000, synthetic_format='sums', synthetic_min_digits=1, synthetic_max_digits=5,
+    synthetic_blocks=3)
+SYNTHETIC_FORMATS = ('sums', 'scratchpad')
 
 
 # ----------------------------------------------------------------------------------- sources
@@ -83,20 +91,40 @@ class LazyDocs(Sequence[str]):
 
 
 def synthetic_arithmetic_doc(index: int, *, seed: int = 42, max_digits: int = 5,
-                             problems: tuple[int, int] = (4, 16)) -> str:
+                             problems: tuple[int, int] = (4, 16), min_digits: int = 1) -> str:
   """Document `index` of the synthetic corpus: lines like "12+345=357\\n".
 
   Deterministic in (seed, index). Each operand has a uniform number of digits in
-  [1, max_digits] (no leading zero); a document has `problems[0]..problems[1]` lines.
+  [min_digits, max_digits] (no leading zero); a document has `problems[0]..problems[1]` lines.
   """
-  if max_digits < 1:
-    raise UserError(f'data.synthetic_max_digits must be >= 1, got {max_digits}')
+  _check_digits(min_digits, max_digits)
   rng = np.random.default_rng([seed, index])
   lines = []
   for _ in range(rng.integers(problems[0], problems[1] + 1)):
-    a, b = (_random_int(rng, int(rng.integers(1, max_digits + 1))) for _ in range(2))
+    a, b = (_random_int(rng, int(rng.integers(min_digits, max_digits + 1))) for _ in range(2))
     lines.append(f'{a}+{b}={a + b}\n')
   return ''.join(lines)
+
+
+def scratchpad_doc(index: int, *, seed: int = 42, min_digits: int = 1, max_digits: int = 5,
+                   blocks: int = 3) -> str:
+  """Document `index` of the scratchpad corpus: `blocks` solved additions of one digit count
+  (uniform in [min_digits, max_digits]), each "Input: ... Target:", its "<scratch>" working and
+  the answer (spec/star.md §2.3), separated by blank lines: a STaR arithmetic sample with its
+  in-sample exemplars. Deterministic in (seed, index)."""
+  _check_digits(min_digits, max_digits)
+  if blocks < 1:
+    raise UserError(f'data.synthetic_blocks must be >= 1, got {blocks}')
+  rng = np.random.default_rng([seed, index])
+  digits = int(rng.integers(min_digits, max_digits + 1))
+  pairs = [(_random_int(rng, digits), _random_int(rng, digits)) for _ in range(blocks)]
+  return tasks.addition_sample(pairs)
+
+
+def _check_digits(min_digits: int, max_digits: int) -> None:
+  if not 1 <= min_digits <= max_digits:
+    raise UserError(f'data.synthetic_min_digits={min_digits} and synthetic_max_digits='
+                    f'{max_digits}: need 1 <= min <= max')
 
 
 def _random_int(rng: np.random.Generator, digits: int) -> int:
@@ -104,12 +132,21 @@ def _random_int(rng: np.random.Generator, digits: int) -> int:
   return int(rng.integers(lo, 10 ** digits))
 
 
-def synthetic_docs(num_docs: int, *, seed: int = 42, max_digits: int = 5) -> LazyDocs:
-  """The synthetic arithmetic corpus: `num_docs` documents made on access (no download)."""
+def synthetic_docs(num_docs: int, *, seed: int = 42, max_digits: int = 5,
+                   fmt: str = 'sums', min_digits: int = 1, blocks: int = 3) -> LazyDocs:
+  """The synthetic arithmetic corpus: `num_docs` documents made on access (no download), in
+  format `fmt` ('sums' or 'scratchpad', see the module docstring)."""
   if num_docs < 1:
     raise UserError(f'data.synthetic_docs must be >= 1, got {num_docs}')
-  return LazyDocs(num_docs, lambda i: synthetic_arithmetic_doc(i, seed=seed,
-                                                               max_digits=max_digits))
+  if fmt == 'sums':
+    _check_digits(min_digits, max_digits)
+    return LazyDocs(num_docs, lambda i: synthetic_arithmetic_doc(
+        i, seed=seed, max_digits=max_digits, min_digits=min_digits))
+  if fmt == 'scratchpad':
+    scratchpad_doc(0, seed=seed, min_digits=min_digits, max_digits=max_digits, blocks=blocks)
+    return LazyDocs(num_docs, lambda i: scratchpad_doc(
+        i, seed=seed, min_digits=min_digits, max_digits=max_digits, blocks=blocks))
+  raise UserError(f'data.synthetic_format={fmt!r}; choose one of {SYNTHETIC_FORMATS}')
 
 
 def jsonl_docs(paths: str | Sequence[str], *, text_field: str = 'text', max_docs: int = 0,
@@ -287,7 +324,17 @@ def lm_dataset(docs: Sequence[str], tokenizer, *, seq_len: int, global_batch_siz
       return dict(tokens=tokens[r], mask=np.ones(seq_len, np.int32), segment_ids=segs[r])
     ds = grain.MapDataset.range(len(tokens)).map(make_packed)
   rows_per_epoch = len(ds)
+  ds = batch_rows(ds, global_batch_size, seed=seed, num_epochs=num_epochs,
+                  process_index=process_index, process_count=process_count)
+  local = global_batch_size // process_count
+  return LMPipeline(ds, local, len(docs), rows_per_epoch, num_skipped)
 
+
+def batch_rows(ds: grain.MapDataset, global_batch_size: int, *, seed: int, num_epochs: int,
+               process_index: int = 0, process_count: int = 1) -> grain.MapDataset:
+  """Rows -> this process's batches: shuffled (differently each epoch), repeated `num_epochs`
+  times (0: forever), whole global batches only, process p taking the p-th block of
+  `global_batch_size / process_count` rows of every global batch."""
   # Shuffle before repeat so epochs do not mix; repeat reseeds the shuffle every epoch.
   ds = ds.shuffle(seed=seed).repeat(num_epochs or None)
   if num_epochs:
@@ -298,8 +345,7 @@ def lm_dataset(docs: Sequence[str], tokenizer, *, seq_len: int, global_batch_siz
     ds = ds[:steps * global_batch_size]  # Every process must see the same number of steps.
   local = global_batch_size // process_count
   # Local batch k holds rows [k*b, (k+1)*b); global step s is local batches s*P .. s*P+P-1.
-  ds = ds.batch(local, drop_remainder=True)[process_index::process_count]
-  return LMPipeline(ds, local, len(docs), rows_per_epoch, num_skipped)
+  return ds.batch(local, drop_remainder=True)[process_index::process_count]
 
 
 def _window(docs: Sequence[str], skip: int, limit: int) -> Sequence[str]:
@@ -323,7 +369,10 @@ def lm_dataset_from_config(data_cfg, tokenizer, global_batch_size: int, process_
   if source == 'synthetic':
     n = int(get('synthetic_docs'))
     docs = _window(synthetic_docs(n, seed=int(get('seed')),
-                                  max_digits=int(get('synthetic_max_digits'))),
+                                  max_digits=int(get('synthetic_max_digits')),
+                                  fmt=get('synthetic_format'),
+                                  min_digits=int(get('synthetic_min_digits')),
+                                  blocks=int(get('synthetic_blocks'))),
                    skip_docs, max_docs)
     origin = f'the {n} synthetic documents (data.synthetic_docs)'
   elif source == 'jsonl':
