@@ -112,6 +112,88 @@ def eval_stage_config(init_from: str = "", mesh_shape=(-1, 1, 1),
   return config
 
 
+def star_config(**overrides) -> ml_collections.ConfigDict:
+  """The `config.star` block of the STaR stage (jaxstar/star/stage.py), then `overrides`.
+
+  Defaults are the paper's (spec/star.md §1, §7) with the re-do decisions of its §1.10."""
+  cfg = ml_collections.ConfigDict(dict(
+      task="commonsenseqa",      # commonsenseqa | gsm8k | arithmetic
+      train_path="",             # jsonl of the training split; '' = the Hugging Face Hub
+      dev_path="",               # jsonl of the dev split; '' = the Hub
+      dev_split="",              # '' = the task's evaluation split (CSQA validation, GSM8K test)
+      dev_limit=0,               # first N dev items only (0: all)
+      prompt_path="",            # few-shot prompt file, exemplars split on blank lines
+                                 # ('' = the STaR paper's, shipped in jaxstar/data/prompts)
+      hint_prompt_path="",       # its hinted version, for rationalization ('' = shipped)
+      num_iterations=30,         # outer iterations at most
+      patience=3,                # stop after this many iterations without a better dev
+                                 # accuracy (0: never; the shipped code never stops)
+      eval_base=True,            # evaluate the base model first (row 0 of the table)
+      n_train_samples=10000,     # training items drawn per iteration (seeded)
+      rationalize=True,          # retry failures with the hint (spec §1.6)
+      hint_whole_solution=False,  # GSM8K: the hint is the whole gold solution (shipped code)
+      few_shot_train=False,      # prepend the few-shot exemplars to every saved example
+      loss_on="completion",      # completion (rationale + answer) | all (as the code trains)
+      steps_rule="exponential",  # exponential: start * grow^(n-1); linear: start + add*(n-1)
+      start_steps=40,
+      grow_steps=1.2,
+      add_steps=20,
+      max_steps=0,               # cap on steps per iteration (0: none; GSM8K paper: 7912)
+      seq_len=1024,              # packed fine-tuning rows (paper: 1024 with packing)
+      max_new_tokens=0,          # generation budget (0: the task's: CSQA 96, GSM8K 256,
+                                 # arithmetic 48 per digit + 48)
+      temperature=0.0,           # 0 = greedy (the paper; the code: top-p 0.9 at T 0.01)
+      top_p=1.0,
+      batch_size=64,             # sampler rows per device program (a multiple of the
+                                 # mesh's batch shards)
+      max_length=2048,           # longest prompt + generation
+      chunk=512,                 # items per saved chunk of generation / evaluation
+      keep_checkpoints="best",   # best: only the best and the latest iteration's; all
+      arithmetic=ml_collections.ConfigDict(dict(
+          digits="1-5",          # digit counts of the problems ('1-5' or '1,3,5')
+          pool_per_length=10000,  # training pool per digit count (paper: 10000 for 1-5)
+          dev_per_length=100,    # held-out problems per digit count
+          shots=9,               # in-sample exemplars before each query (paper: 9)
+          exemplar_pool=50,      # ... drawn from this many fixed ones per digit count
+      )),
+  ))
+  cfg.update(overrides)
+  return cfg
+
+
+def star_stage_config(task: str, **star_overrides) -> ml_collections.ConfigDict:
+  """A whole config of the STaR stage with the paper's fine-tuning recipe (spec §1.8): batch 8,
+  lr 1e-6 after 100 linear warm-up steps then constant, Adam, clip 1.0, no weight decay."""
+  config = base_config()
+  config.stage = "star"
+  config.require_init_from = True
+  config.batch_size = 8
+  config.num_steps = 1                  # unused: each iteration sets its own (star.steps_rule)
+  config.log_every = 10
+  config.eval_every = 0
+  config.checkpoint.save_every = 50     # within an iteration's fine-tuning
+  config.checkpoint.keep = 1
+  config.optim = optim_config(lr=1e-6, warmup_steps=100, schedule="constant", weight_decay=0.0,
+                              clip_norm=1.0)
+  config.star = star_config(task=task, **star_overrides)
+  return config
+
+
+def star_7b_config(task: str, **star_overrides) -> ml_collections.ConfigDict:
+  """`star_stage_config` on Mistral-7B-v0.1 (from a Hugging Face folder in init_from), sharded
+  for fine-tuning on a 32-chip slice: FSDP over 8, tensor parallel over 4."""
+  config = star_stage_config(task, **star_overrides)
+  config.model = model_config("mistral_7b")
+  config.model.dtype = "bfloat16"       # bf16 matmuls, fp32 master weights and Adam
+  config.model.remat_policy = "full"
+  config.tokenizer = "mistral"
+  config.init_from = ""                 # REQUIRED: a Hugging Face Mistral-7B-v0.1 folder
+  config.mesh_shape = (1, 8, 4)         # ('data', 'fsdp', 'tensor') = 32 devices
+  config.star.batch_size = 64           # sampler rows per program: 8 per batch shard
+                                        # (data x fsdp = 8 shards)
+  return config
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Fields every stage reads."""
   config = ml_collections.ConfigDict()

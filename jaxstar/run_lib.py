@@ -390,23 +390,26 @@ class Run:
 
   # ------------------------------------------------------------------------------------ loop
 
-  def loop(self, state, train_step, data_iter, evaluate=None, desc: str = "train"):
+  def loop(self, state, train_step, data_iter, evaluate=None, desc: str = "train",
+           tokens_per_step: int | None = None):
     """Steps from `state.step` to `config.num_steps`: log, evaluate, checkpoint, handle SIGTERM.
 
     Args:
       train_step: the jitted `(state, batch) -> (state, metrics)`.
       data_iter: the training iterator (its position is saved with each checkpoint).
       evaluate: optional `(step, params) -> dict of metrics`, every `config.eval_every` steps.
+      desc: the progress bar's label.
+      tokens_per_step: for the tokens/s metric (default: batch_size * config.data.seq_len).
     Returns:
-      the summary of the last logged metrics and evaluation, with `step`. Raises `Preempted`
-      after a SIGTERM save.
+      the summary of the last logged metrics and evaluation, with `step`; the final state is
+      `self.state`. Raises `Preempted` after a SIGTERM save.
     """
     import tqdm  # pylint: disable=g-import-not-at-top
     config, ckpt, writer = self.config, self.ckpt, self.writer
     skip = config.nonfinite == "skip"
     preemption = Preemption()
     start = int(state.step)
-    tokens_per_step = config.batch_size * config.data.seq_len
+    tokens_per_step = tokens_per_step or config.batch_size * config.data.seq_len
     history, summary = [], {}
     progress = tqdm.tqdm(total=config.num_steps, initial=start, disable=not self.is_main,
                          desc=desc, dynamic_ncols=True)
@@ -470,5 +473,6 @@ class Run:
     finally:
       progress.close()
       preemption.close()
+    self.state = state
     summary["step"] = int(state.step)
     return summary

@@ -19,6 +19,7 @@ STAGES = {
     "pretrain": "jaxstar.pretrain",
     "quietstar": "jaxstar.quietstar.trainer",
     "eval": "jaxstar.evals.stage",
+    "star": "jaxstar.star.stage",
 }
 
 

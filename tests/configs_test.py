@@ -7,6 +7,9 @@ from configs import common
 from configs import pretrain_tiny
 from configs import quietstar_7b
 from configs import quietstar_tiny
+from configs import star_arithmetic_tiny
+from configs import star_csqa_7b
+from configs import star_gsm8k_7b
 from jaxstar import model as model_lib
 from jaxstar import run_lib
 from jaxstar import tokenizer
@@ -14,6 +17,7 @@ from jaxstar.errors import UserError
 from jaxstar.model.config import ModelConfig
 from jaxstar.quietstar import trainer
 from jaxstar.quietstar.config import QuietStarConfig
+from jaxstar.star import stage as star_stage
 
 
 def test_parse_arg():
@@ -46,11 +50,31 @@ def test_blocks_take_their_defaults_from_the_dataclasses():
 
 
 def test_every_config_file_builds_its_stage_config():
-  for module in (pretrain_tiny, quietstar_tiny, quietstar_7b):
+  for module in (pretrain_tiny, quietstar_tiny, quietstar_7b, star_arithmetic_tiny,
+                 star_csqa_7b, star_gsm8k_7b):
     config = module.get_config()
     run_lib.model_config_from(config, tokenizer.get_tokenizer("bytes"))
     if config.stage == "quietstar":
       trainer.quietstar_config(config)
+    if config.stage == "star":
+      config.init_from = "/models/base"
+      star_stage._check(config)
+  pre = star_arithmetic_tiny.get_config("pretrain")
+  assert pre.stage == "pretrain" and pre.data.synthetic_format == "scratchpad"
+
+
+def test_star_step_rules():
+  star = star_csqa_7b.get_config().star
+  assert [star_stage.num_steps(star, n) for n in range(1, 11)] == [
+      40, 48, 57, 69, 82, 99, 119, 143, 171, 206]
+  assert star_stage.num_steps(star, 16) == 616
+  gsm = star_gsm8k_7b.get_config().star
+  assert star_stage.num_steps(gsm, 30) == 7912 and star_stage.num_steps(gsm, 40) == 7912
+  star.steps_rule, star.start_steps, star.add_steps = "linear", 300, 20
+  assert [star_stage.num_steps(star, n) for n in (1, 2, 16)] == [300, 320, 600]
+  star.steps_rule = "cubic"
+  with pytest.raises(UserError, match="config.star.steps_rule='cubic'"):
+    star_stage.num_steps(star, 1)
 
 
 def test_unknown_and_bad_values_name_the_field():

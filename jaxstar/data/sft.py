@@ -7,15 +7,22 @@ the boundary never splits a token differently from how the model reads the text.
 the completion and EOS (`loss_on='completion'`, the default of spec/star.md §1.10 #1) or every
 token after BOS (`'all'`, what the shipped STaR code trains on). An example longer than
 `seq_len` keeps its end (the completion) and loses the start of its prompt.
+
+`sft_dataset` packs the encoded examples into rows of `seq_len` (whole examples only, in a
+seeded order, numbered by `segment_ids` so attention stays within each), and batches them
+like the LM pipelines (`jaxstar.data.lm.batch_rows`): shuffled each epoch, repeated, sharded
+by process, resumable through its grain iterator.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Any, Sequence
 
+import grain
 import numpy as np
 
 from jaxstar.data import jsonl
+from jaxstar.data import lm
 from jaxstar.errors import UserError
 
 LOSS_ON = ('completion', 'all')
@@ -71,3 +78,55 @@ def encode_all(tokenizer, examples: Sequence[Example], seq_len: int,
   """`encode` of every example, stacked: {name: [N, seq_len]}."""
   rows = [encode(tokenizer, ex, seq_len, loss_on) for ex in examples]
   return {k: np.stack([r[k] for r in rows]) for k in ('tokens', 'mask', 'targets')}
+
+
+def _trim(row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  n = int(row['mask'].sum())
+  return {k: v[:n] for k, v in row.items()}
+
+
+def pack_examples(tokenizer, examples: Sequence[Example], seq_len: int,
+                  loss_on: str = 'completion', seed: int = 0) -> dict[str, np.ndarray]:
+  """The examples, shuffled with `seed`, packed greedily into rows of `seq_len`: an example
+  that does not fit in the current row starts the next one. Returns {tokens, mask, targets,
+  segment_ids} [R, seq_len]; segment ids number each row's examples from 1 (0 on padding)."""
+  if not examples:
+    raise UserError('no fine-tuning examples to pack')
+  order = np.random.default_rng(seed).permutation(len(examples))
+  rows, current, used = [], [], 0
+  for i in order:
+    ex = _trim(encode(tokenizer, examples[int(i)], seq_len, loss_on))
+    n = len(ex['tokens'])
+    if used + n > seq_len:
+      rows.append(current)
+      current, used = [], 0
+    current.append(ex)
+    used += n
+  rows.append(current)
+  out = {'tokens': np.full((len(rows), seq_len), tokenizer.pad_id, np.int32),
+         **{k: np.zeros((len(rows), seq_len), np.int32)
+            for k in ('mask', 'targets', 'segment_ids')}}
+  for r, row in enumerate(rows):
+    at = 0
+    for s, ex in enumerate(row):
+      n = len(ex['tokens'])
+      for k in ('tokens', 'mask', 'targets'):
+        out[k][r, at:at + n] = ex[k]
+      out['segment_ids'][r, at:at + n] = s + 1
+      at += n
+  return out
+
+
+def sft_dataset(tokenizer, examples: Sequence[Example], *, seq_len: int, global_batch_size: int,
+                loss_on: str = 'completion', seed: int = 0, process_index: int = 0,
+                process_count: int = 1) -> tuple[grain.MapDataset, int]:
+  """This process's batches of packed examples, repeated forever (see the module docstring),
+  and the number of packed rows in one epoch."""
+  if global_batch_size % process_count:
+    raise UserError(f'global batch {global_batch_size} is not divisible by the '
+                    f'{process_count} processes')
+  packed = pack_examples(tokenizer, examples, seq_len, loss_on, seed)
+  num_rows = len(packed['tokens'])
+  ds = grain.MapDataset.range(num_rows).map(lambda r: {k: v[r] for k, v in packed.items()})
+  return lm.batch_rows(ds, global_batch_size, seed=seed, num_epochs=0,
+                       process_index=process_index, process_count=process_count), num_rows

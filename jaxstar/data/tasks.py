@@ -317,9 +317,11 @@ def addition_scratchpad(a: int, b: int) -> str:
   return '\n'.join(lines)
 
 
-def addition_query(a: int, b: int) -> str:
-  """"Input:\\n<a> + <b>\\nTarget:" (digits spaced), the hint-free query."""
-  return f'Input:\n{spaced_digits(a)} + {spaced_digits(b)}\nTarget:'
+def addition_query(a: int, b: int, hint: bool = False) -> str:
+  """"Input:\\n<a> + <b>\\nTarget:" (digits spaced), the hint-free query; `hint` puts the
+  answer line after "Target:" (STaR's rationalization hint, "Target: 5 8")."""
+  target = f'Target: {addition_answer(a, b)}' if hint else 'Target:'
+  return f'Input:\n{spaced_digits(a)} + {spaced_digits(b)}\n{target}'
 
 
 def addition_answer(a: int, b: int) -> str:
@@ -327,9 +329,10 @@ def addition_answer(a: int, b: int) -> str:
   return spaced_digits(a + b)
 
 
-def format_addition(a: int, b: int, scratchpad: bool = True) -> str:
-  """One solved problem block (without the blank line that separates blocks)."""
-  parts = [addition_query(a, b)]
+def format_addition(a: int, b: int, scratchpad: bool = True, hint: bool = False) -> str:
+  """One solved problem block (without the blank line that separates blocks); `hint`: the
+  hinted query of `addition_query`."""
+  parts = [addition_query(a, b, hint)]
   if scratchpad:
     parts.append(addition_scratchpad(a, b))
   parts.append(addition_answer(a, b))
@@ -349,9 +352,10 @@ def generate_addition(num: int, num_digits: int, seed: int = 0) -> list[Example]
   return out
 
 
-def addition_sample(problems: Sequence[tuple[int, int]], scratchpad: bool = True) -> str:
+def addition_sample(problems: Sequence[tuple[int, int]], scratchpad: bool = True,
+                    hint: bool = False) -> str:
   """Several solved blocks separated by blank lines (in-sample few-shot exemplars + query)."""
-  return '\n\n'.join(format_addition(a, b, scratchpad) for a, b in problems)
+  return '\n\n'.join(format_addition(a, b, scratchpad, hint) for a, b in problems)
 
 
 def extract_arithmetic_answer(text: str, direct: bool = False) -> str | None:
