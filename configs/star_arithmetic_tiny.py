@@ -53,6 +53,6 @@ def get_config(arg=None):
   config.batch_size = 16
   config.log_every = 20
   config.checkpoint.save_every = 100
-  config.optim = common.optim_config(lr=1e-3, warmup_steps=20, schedule="constant",
+  config.optim = common.optim_config(lr=3e-4, warmup_steps=10, schedule="constant",
                                      weight_decay=0.0, clip_norm=1.0)
   return config

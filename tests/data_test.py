@@ -258,6 +258,12 @@ def test_scratchpad_source_is_star_addition_samples(tok):
     assert len(sizes) == 1           # one digit count per document
     lengths |= sizes
   assert lengths == {2, 3}
+  hinted = [data.lm.scratchpad_doc(i, seed=3, blocks=2, hint_fraction=0.5) for i in range(40)]
+  assert 10 < sum('Target: ' in d for d in hinted) < 30
+  for d in hinted:
+    if 'Target: ' in d:
+      for block in d.split('\n\n'):
+        assert block.split('\n')[2] == 'Target: ' + block.split('\n')[-1]
   for bad, match in [(dict(synthetic_min_digits=4), r'min_digits=4 .*max_digits=3'),
                      (dict(synthetic_blocks=0), r'synthetic_blocks must be >= 1'),
                      (dict(synthetic_format='poems'), r"synthetic_format='poems'")]:

@@ -50,3 +50,26 @@ def test_reading_examples(tmp_path):
   bad.write_text('{"prompt": "Q"}\n')
   with pytest.raises(UserError, match='bad.jsonl:1'):
     sft.read_examples(str(bad))
+
+
+def test_packing_keeps_whole_examples_in_rows():
+  examples = [sft.Example(f'Q: {i}+{i}?\nA:', f' {2 * i}.' * (1 + i % 4)) for i in range(11)]
+  packed = sft.pack_examples(TOK, examples, 48, seed=3)
+  seen = []
+  for r in range(len(packed['tokens'])):
+    segs = packed['segment_ids'][r]
+    assert (packed['mask'][r] > 0).tolist() == (segs > 0).tolist()
+    for s in range(1, segs.max() + 1):
+      at = segs == s
+      assert np.all(np.diff(np.flatnonzero(at)) == 1)           # contiguous
+      tokens, targets = packed['tokens'][r][at], packed['targets'][r][at]
+      seen.append(TOK.decode(tokens[1:-1].tolist()))              # without BOS / EOS
+      n = int(at.sum())
+      one = next(sft.encode(TOK, ex, 48) for ex in examples
+                 if ex.prompt + ex.completion == seen[-1])
+      assert tokens.tolist() == one['tokens'][:n].tolist()
+      assert targets.tolist() == one['targets'][:n].tolist()
+  assert sorted(seen) == sorted(ex.prompt + ex.completion for ex in examples)
+  assert len(packed['tokens']) < len(examples)                    # rows hold several
+  with pytest.raises(UserError, match='no fine-tuning examples'):
+    sft.pack_examples(TOK, [], 48)

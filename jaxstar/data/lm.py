@@ -47,6 +47,8 @@ the config field, or FileNotFoundError for a missing file.
   synthetic_min_digits  synthetic operands have synthetic_min_digits..synthetic_max_digits
   synthetic_max_digits  digits.
   synthetic_blocks      scratchpad format: problems per document.
+  synthetic_hint_fraction  scratchpad format: documents whose queries show the answer after
+                        "Target:" (the rationalization hint).
 """
 import dataclasses
 import os
@@ -66,7 +68,7 @@ DEFAULTS = dict(
     source='synthetic', paths='', hf_split='train', text_field='text', max_docs=0, skip_docs=0,
     seq_len=256, mode='crop_pad', seed=42, num_epochs=0, skip_malformed=False,
     synthetic_docs=1000, synthetic_format='sums', synthetic_min_digits=1, synthetic_max_digits=5,
-    synthetic_blocks=3)
+    synthetic_blocks=3, synthetic_hint_fraction=0.0)
 SYNTHETIC_FORMATS = ('sums', 'scratchpad')
 
 
@@ -107,18 +109,21 @@ def synthetic_arithmetic_doc(index: int, *, seed: int = 42, max_digits: int = 5,
 
 
 def scratchpad_doc(index: int, *, seed: int = 42, min_digits: int = 1, max_digits: int = 5,
-                   blocks: int = 3) -> str:
+                   blocks: int = 3, hint_fraction: float = 0.0) -> str:
   """Document `index` of the scratchpad corpus: `blocks` solved additions of one digit count
   (uniform in [min_digits, max_digits]), each "Input: ... Target:", its "<scratch>" working and
   the answer (spec/star.md §2.3), separated by blank lines: a STaR arithmetic sample with its
-  in-sample exemplars. Deterministic in (seed, index)."""
+  in-sample exemplars. A `hint_fraction` of the documents shows each answer after "Target:"
+  too (STaR's rationalization hint), so a model learns to read it. Deterministic in
+  (seed, index). In 'pack' mode each document ends with EOS, as a STaR fine-tuning example
+  does."""
   _check_digits(min_digits, max_digits)
   if blocks < 1:
     raise UserError(f'data.synthetic_blocks must be >= 1, got {blocks}')
   rng = np.random.default_rng([seed, index])
   digits = int(rng.integers(min_digits, max_digits + 1))
   pairs = [(_random_int(rng, digits), _random_int(rng, digits)) for _ in range(blocks)]
-  return tasks.addition_sample(pairs)
+  return tasks.addition_sample(pairs, hint=bool(rng.random() < hint_fraction))
 
 
 def _check_digits(min_digits: int, max_digits: int) -> None:
@@ -133,7 +138,8 @@ def _random_int(rng: np.random.Generator, digits: int) -> int:
 
 
 def synthetic_docs(num_docs: int, *, seed: int = 42, max_digits: int = 5,
-                   fmt: str = 'sums', min_digits: int = 1, blocks: int = 3) -> LazyDocs:
+                   fmt: str = 'sums', min_digits: int = 1, blocks: int = 3,
+                   hint_fraction: float = 0.0) -> LazyDocs:
   """The synthetic arithmetic corpus: `num_docs` documents made on access (no download), in
   format `fmt` ('sums' or 'scratchpad', see the module docstring)."""
   if num_docs < 1:
@@ -143,9 +149,10 @@ def synthetic_docs(num_docs: int, *, seed: int = 42, max_digits: int = 5,
     return LazyDocs(num_docs, lambda i: synthetic_arithmetic_doc(
         i, seed=seed, max_digits=max_digits, min_digits=min_digits))
   if fmt == 'scratchpad':
-    scratchpad_doc(0, seed=seed, min_digits=min_digits, max_digits=max_digits, blocks=blocks)
-    return LazyDocs(num_docs, lambda i: scratchpad_doc(
-        i, seed=seed, min_digits=min_digits, max_digits=max_digits, blocks=blocks))
+    kw = dict(seed=seed, min_digits=min_digits, max_digits=max_digits, blocks=blocks,
+              hint_fraction=hint_fraction)
+    scratchpad_doc(0, **kw)
+    return LazyDocs(num_docs, lambda i: scratchpad_doc(i, **kw))
   raise UserError(f'data.synthetic_format={fmt!r}; choose one of {SYNTHETIC_FORMATS}')
 
 
@@ -372,7 +379,8 @@ def lm_dataset_from_config(data_cfg, tokenizer, global_batch_size: int, process_
                                   max_digits=int(get('synthetic_max_digits')),
                                   fmt=get('synthetic_format'),
                                   min_digits=int(get('synthetic_min_digits')),
-                                  blocks=int(get('synthetic_blocks'))),
+                                  blocks=int(get('synthetic_blocks')),
+                                  hint_fraction=float(get('synthetic_hint_fraction'))),
                    skip_docs, max_docs)
     origin = f'the {n} synthetic documents (data.synthetic_docs)'
   elif source == 'jsonl':

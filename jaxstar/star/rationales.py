@@ -277,21 +277,24 @@ def statistics(items: Sequence[Item], rationalize: bool = True) -> dict[str, int
           "rationalized": rationalized, "kept": direct + rationalized}
 
 
-def write_examples(path: str, items: Sequence[Item], task, few_shot_train: bool = False) -> int:
-  """The kept items as JSONL {index, source, prompt, completion}: the model trains on
+def kept_examples(items: Sequence[Item], task, few_shot_train: bool = False) -> list[dict]:
+  """The kept items as {index, source, prompt, completion}: the model trains on
   `prompt + completion`, the loss on the completion by default. `few_shot_train` prepends the
-  hint-free exemplars to every prompt (spec §1.5). Returns the number written."""
+  hint-free exemplars to every prompt (spec §1.5)."""
   prefix = _task(task).train_prefix() if few_shot_train else ""
-  n = 0
+  return [{"index": it.index, "source": it.source, "prompt": prefix + it.query,
+           "completion": it.completion} for it in items if it.source]
+
+
+def write_examples(path: str, items: Sequence[Item], task, few_shot_train: bool = False) -> int:
+  """`kept_examples` as JSONL, written atomically; returns the number written."""
+  rows = kept_examples(items, task, few_shot_train)
   tmp = path + ".tmp"
   with open(tmp, "w", encoding="utf-8") as f:
-    for it in items:
-      if it.source:
-        f.write(json.dumps({"index": it.index, "source": it.source, "prompt": prefix + it.query,
-                            "completion": it.completion}) + "\n")
-        n += 1
+    for row in rows:
+      f.write(json.dumps(row) + "\n")
   os.replace(tmp, path)  # a killed pass leaves no half-written set
-  return n
+  return len(rows)
 
 
 def format_table(rows: Sequence[dict]) -> str:

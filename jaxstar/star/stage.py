@@ -472,6 +472,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
     out = _iter_dir(workdir, n)
     rec["steps"] = num_steps(st, n)
     # ---------------------------------------------------------------------- 1. generate
+    train_set = os.path.join(out, "train.jsonl")
     if "generation" not in rec:
       indices = draw(len(pool), st.n_train_samples, n, config.seed)
       items, summary = generate(model(n - 1), task, pool, indices,
@@ -479,18 +480,21 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                                 os.path.join(out, "gen"), st.chunk, st.rationalize,
                                 f"iteration {n}: rationales")
       if is_main:
-        rationales.write_examples(os.path.join(out, "train.jsonl"), items, task,
-                                  few_shot_train=st.few_shot_train)
+        rationales.write_examples(train_set, items, task, few_shot_train=st.few_shot_train)
+      # Every process has the items; none waits for process 0's file.
+      examples = [sft.Example(r["prompt"], r["completion"])
+                  for r in rationales.kept_examples(items, task, st.few_shot_train)]
       rec["generation"] = summary
       progress.save()
       logging.info("iteration %d: %s", n, rationales.format_table([{"iteration": n,
                                                                      **summary}]))
+    elif rec["generation"]["kept"]:
+      examples = sft.read_examples(train_set)
     if not rec["generation"]["kept"]:
       raise UserError(f"STaR iteration {n} kept no example: M_{n - 1} answered none of the "
                       f"{rec['generation']['attempted']} training items right, even with the "
                       "hint. STaR needs a base model whose few-shot accuracy is above zero")
     # ---------------------------------------------------------------------- 2. fine-tune
-    examples = sft.read_examples(os.path.join(out, "train.jsonl"))
     if lm is not None:
       lm.set_params(None)     # M_{n-1} need not stay in memory while M_0 is fine-tuned
       lm_of = -1
