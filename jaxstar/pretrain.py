@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 from jaxstar import model as model_lib
@@ -40,23 +39,13 @@ def train_and_evaluate(config, workdir: str) -> dict:
     module = model_lib.Transformer(run.model_cfg)
     optimizer = run.optimizer()
 
-    def init_state(rng):
-      params = module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-      return train_lib.init_train_state(params, optimizer, config.seed)
+    init_state = train_lib.lm_init_state(module, optimizer, config.seed)
 
     # ---------------------------------------------------------------------------------- shard
     abstract, shardings = run.shard(init_state, f"model {config.model.variant}")
 
     # ------------------------------------------------------------------------- step functions
-    def loss_fn(params, batch, rng):
-      del rng
-      segments = batch.get("segment_ids")
-      logits = module.apply({"params": params}, batch["tokens"], batch["mask"] > 0,
-                            segment_ids_bl=segments)
-      loss, n_targets = train_lib.next_token_loss(logits, batch["tokens"], batch["mask"],
-                                                  segments)
-      return loss, {"targets": n_targets}
-
+    loss_fn = train_lib.lm_loss_fn(module)
     train_step = run.jit_train_step(loss_fn, optimizer, shardings)
     eval_step = run.jit_eval_step(lambda params, batch: {"loss": loss_fn(params, batch, None)[0]},
                                   shardings.params)

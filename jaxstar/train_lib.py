@@ -201,3 +201,25 @@ def next_token_loss(logits_blv, tokens_bl, mask_bl, segment_ids_bl=None, target_
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   n = jnp.maximum(weights.sum(), 1.0)
   return jnp.sum((logz - target_logit) * weights) / n, weights.sum()
+
+
+def lm_init_state(module, optimizer: optax.GradientTransformation, seed: int):
+  """`init_state(rng)` of a plain language model `module`: fresh params in a `TrainState`."""
+  def init_state(rng):
+    params = module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
+    return init_train_state(params, optimizer, seed)
+  return init_state
+
+
+def lm_loss_fn(module) -> LossFn:
+  """The next-token `LossFn` of a plain language model `module` over batches {tokens, mask} and
+  optionally segment_ids (packed rows) and targets (the tokens scored, e.g. completions)."""
+  def loss_fn(params, batch, rng):
+    del rng
+    segments = batch.get("segment_ids")
+    logits = module.apply({"params": params}, batch["tokens"], batch["mask"] > 0,
+                          segment_ids_bl=segments)
+    loss, n_targets = next_token_loss(logits, batch["tokens"], batch["mask"], segments,
+                                      batch.get("targets"))
+    return loss, {"targets": n_targets}
+  return loss_fn

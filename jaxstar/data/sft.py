@@ -119,14 +119,15 @@ def pack_examples(tokenizer, examples: Sequence[Example], seq_len: int,
 
 def sft_dataset(tokenizer, examples: Sequence[Example], *, seq_len: int, global_batch_size: int,
                 loss_on: str = 'completion', seed: int = 0, process_index: int = 0,
-                process_count: int = 1) -> tuple[grain.MapDataset, int]:
-  """This process's batches of packed examples, repeated forever (see the module docstring),
-  and the number of packed rows in one epoch."""
+                process_count: int = 1) -> lm.LMPipeline:
+  """This process's batches of packed examples, repeated forever (see the module docstring);
+  `.iterator()` is resumable, `.rows_per_epoch` counts the packed rows."""
   if global_batch_size % process_count:
     raise UserError(f'global batch {global_batch_size} is not divisible by the '
                     f'{process_count} processes')
   packed = pack_examples(tokenizer, examples, seq_len, loss_on, seed)
   num_rows = len(packed['tokens'])
   ds = grain.MapDataset.range(num_rows).map(lambda r: {k: v[r] for k, v in packed.items()})
-  return lm.batch_rows(ds, global_batch_size, seed=seed, num_epochs=0,
-                       process_index=process_index, process_count=process_count), num_rows
+  ds = lm.batch_rows(ds, global_batch_size, seed=seed, num_epochs=0,
+                     process_index=process_index, process_count=process_count)
+  return lm.LMPipeline(ds, global_batch_size // process_count, len(examples), num_rows)

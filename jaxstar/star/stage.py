@@ -329,31 +329,18 @@ def finetune(config, workdir: str, examples: Sequence[sft.Example], steps: int, 
   sub.num_steps, sub.eval_every, sub.create_init_from = steps, 0, ""
   sub.seed = config.seed + n
   with run_lib.Run(sub, workdir) as run:
-    ds, num_rows = sft.sft_dataset(run.tok, examples, seq_len=st.seq_len,
-                                   global_batch_size=config.batch_size, loss_on=st.loss_on,
-                                   seed=sub.seed, process_index=jax.process_index(),
-                                   process_count=jax.process_count())
-    import grain  # pylint: disable=g-import-not-at-top
-    data_iter = iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=2,
-                                                          prefetch_buffer_size=4)))
+    data = sft.sft_dataset(run.tok, examples, seq_len=st.seq_len,
+                           global_batch_size=config.batch_size, loss_on=st.loss_on,
+                           seed=sub.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    data_iter, num_rows = data.iterator(), data.rows_per_epoch
     module = model_lib.Transformer(run.model_cfg)
     optimizer = run.optimizer()
 
-    def init_state(rng):
-      params = module.init(rng, jnp.zeros((1, 1), jnp.int32))["params"]
-      return train_lib.init_train_state(params, optimizer, sub.seed)
-
+    init_state = train_lib.lm_init_state(module, optimizer, sub.seed)
     abstract, shardings = run.shard(init_state, f"STaR iteration {n} fine-tuning")
 
-    def loss_fn(params, batch, rng):
-      del rng
-      logits = module.apply({"params": params}, batch["tokens"], batch["mask"] > 0,
-                            segment_ids_bl=batch["segment_ids"])
-      loss, n_targets = train_lib.next_token_loss(logits, batch["tokens"], batch["mask"],
-                                                  batch["segment_ids"], batch["targets"])
-      return loss, {"targets": n_targets}
-
-    train_step = run.jit_train_step(loss_fn, optimizer, shardings)
+    train_step = run.jit_train_step(train_lib.lm_loss_fn(module), optimizer, shardings)
     state = run.restore(abstract, shardings, data_iter, init_state=init_state,
                         from_params=lambda p: train_lib.init_train_state(p, optimizer,
                                                                          sub.seed))
