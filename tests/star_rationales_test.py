@@ -113,3 +113,48 @@ def test_few_shot_train_prefix(tmp_path):
   exemplars = tasks.packaged_prompts("commonsenseqa")
   assert first["prompt"] == "\n\n".join(exemplars) + "\n\n" + rationales.query(
       "commonsenseqa", examples[0])
+
+
+def test_arithmetic_hint_goes_after_target_and_never_into_the_saved_query():
+  task = rationales.make_task("arithmetic", shots=2, exemplar_pool=5)
+  ex = tasks.generate_addition(1, 3, seed=4)[0]
+  plain, hinted = task.prompt(ex), task.prompt(ex, hint=True)
+  assert plain.endswith(task.query(ex)) and task.query(ex).endswith("\nTarget:")
+  assert hinted.endswith(f"\nTarget: {ex.answer}")
+  blocks = hinted.split("\n\n")
+  assert len(blocks) == 3 and all(b.split("\n")[2] == "Target: " + b.split("\n")[-1]
+                                  for b in blocks[:-1])       # hinted exemplars too
+  assert all(len(b.split("\n")[1].split(" + ")[0].split()) == 3 for b in blocks)  # same digits
+  right = "\n" + tasks.addition_scratchpad(ex.raw["a"], ex.raw["b"]) + f"\n{ex.answer}"
+  items = rationales.generate_pass(_Scripted(lambda p: right if "Target: " in p.rsplit(
+      "\n\n", 1)[-1] else "\n<scratch>\n</scratch>\n0"), task, [ex], CFG)
+  assert items[0].source == "rationalized" and items[0].query == task.query(ex)
+  assert items[0].completion == right                     # cut after the answer line
+
+
+class _Scripted:
+  def __init__(self, reply):
+    self.reply = reply
+
+  def sample(self, prompts, cfg, progress=None):
+    del cfg, progress
+    return [sampling.Generation(text=self.reply(p), tokens=[1, 2], finish="stop")
+            for p in prompts]
+
+
+@pytest.mark.parametrize("task,gold", [("commonsenseqa", "B"), ("gsm8k", "18"),
+                                       ("arithmetic", "5 8")])
+def test_malformed_generations_are_wrong_not_errors(task, gold):
+  t = rationales.make_task(task)
+  ex = tasks.Example(question="1 5 + 4 3" if task == "arithmetic" else "q", answer=gold,
+                     choices=(("A", "x"), ("B", "y")) if task == "commonsenseqa" else (),
+                     solution="#### 18" if task == "gsm8k" else "")
+  for text in ["", "\n", "<|endoftext|>", "garbage without an answer", "\n\n\n(b", "####",
+               "#### \n", "</scratch>", "<scratch>\n</scratch>", "(c", "\x00\ufffd",
+               " The answer is (z).", "#### 1 8", "\n<scratch>\n</scratch>\n5 9"]:
+    right, _ = t.check(t.completion(text), ex)
+    assert right is False, (task, text)
+  good = {"commonsenseqa": " So the answer is y (b).\nQ: next",
+          "gsm8k": " 9 + 9 = 18\n#### 18\n\nQ:", "arithmetic":
+          "\n" + tasks.addition_scratchpad(15, 43) + "\n5 8\n\nInput:"}[task]
+  assert t.check(t.completion(good), ex) == (True, gold)
