@@ -2,6 +2,8 @@
 saved fine-tuning set, bad input."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -158,3 +160,11 @@ def test_malformed_generations_are_wrong_not_errors(task, gold):
           "gsm8k": " 9 + 9 = 18\n#### 18\n\nQ:", "arithmetic":
           "\n" + tasks.addition_scratchpad(15, 43) + "\n5 8\n\nInput:"}[task]
   assert t.check(t.completion(good), ex) == (True, gold)
+
+
+def test_star_never_imports_quietstar():
+  code = ("import sys, jaxstar.star.stage, jaxstar.star.rationales; "
+          "print([m for m in sys.modules if m.startswith('jaxstar.quietstar')])")
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       cwd=ROOT)
+  assert out.stdout.strip() == "[]"

@@ -77,13 +77,6 @@ class LanguageModel:
   def lm_params(self):
     return self.params["lm"] if self.has_thoughts else self.params
 
-  def set_params(self, params) -> None:
-    """Swaps in other parameters of the same shapes and shardings (a fine-tuned copy): the
-    compiled scoring and sampling programs are kept."""
-    self.params = params
-    for thoughts, sampler in self._samplers.items():
-      sampler.params = self.params if thoughts else self.lm_params
-
   def thought_model(self) -> QuietStarModel:
     tok = self.tokenizer
     return QuietStarModel(self.model_cfg, self._require_thoughts(), tok.start_thought_id,

@@ -21,7 +21,8 @@ The workdir:
   iter_NNN/gen/NNNN.json   the pass's items, one file per chunk of `chunk` items
   iter_NNN/train.jsonl     the fine-tuning set: {index, source, prompt, completion}
   iter_NNN/checkpoints/    the fine-tuning run: iter_NNN is a jaxstar run directory
-                           (`LanguageModel.load`, or `--config.init_from` of another stage)
+                           (`jaxstar.evals.lm.LanguageModel.load`, or `--config.init_from`
+                           of another stage)
   iter_NNN/dev/NNNN.json   M_n's dev predictions
   best -> iter_NNN
 
@@ -59,7 +60,6 @@ from jaxstar import train_lib
 from jaxstar.data import sft
 from jaxstar.data import tasks
 from jaxstar.errors import UserError
-from jaxstar.evals.lm import LanguageModel
 from jaxstar.star import rationales
 
 STEP_RULES = ("exponential", "linear")
@@ -270,7 +270,23 @@ def accuracy(rows: Sequence[dict]) -> dict[str, Any]:
           "by_group": {g: float(np.mean(v)) for g, v in sorted(groups.items())}}
 
 
-def evaluate(lm: LanguageModel, task, dev: Sequence[tasks.Example], cfg: sampling.SamplingConfig,
+class Generator:
+  """M_n's batched sampler, as `rationales.generate_pass` calls it (`sample`); `params` can be
+  swapped for a fine-tuned copy without recompiling (same shapes and shardings)."""
+
+  def __init__(self, model_cfg, tokenizer, mesh, batch_size: int, max_len: int):
+    self.sampler = sampling.Sampler(sampling.PlainDecoder(model_cfg), None, tokenizer,
+                                    mesh=mesh, batch_size=batch_size, max_len=max_len)
+    self.of = -1     # which M_n the params are (-1: none)
+
+  def set_params(self, params, n: int) -> None:
+    self.sampler.params, self.of = params, n
+
+  def sample(self, prompts, cfg: sampling.SamplingConfig, progress=None):
+    return self.sampler.generate(prompts, cfg, progress=progress)
+
+
+def evaluate(lm: Generator, task, dev: Sequence[tasks.Example], cfg: sampling.SamplingConfig,
              out_dir: str, chunk: int, desc: str) -> dict[str, Any]:
   """Greedy (cfg) dev accuracy with the few-shot prompt, no hint; predictions in out_dir."""
   bar = tqdm.tqdm(total=len(dev), desc=desc, unit="item", disable=jax.process_index() != 0)
@@ -293,7 +309,7 @@ def evaluate(lm: LanguageModel, task, dev: Sequence[tasks.Example], cfg: samplin
           "tokens_per_s": tokens / max(seconds, 1e-9)}
 
 
-def generate(lm: LanguageModel, task, pool: Sequence[tasks.Example], indices: Sequence[int],
+def generate(lm: Generator, task, pool: Sequence[tasks.Example], indices: Sequence[int],
              cfg: sampling.SamplingConfig, out_dir: str, chunk: int, rationalize: bool,
              desc: str) -> tuple[list[rationales.Item], dict[str, Any]]:
   """The generation pass over pool[indices], chunk by chunk; (items, summary)."""
@@ -423,21 +439,15 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                "iterations", st.task, len(pool), min(st.n_train_samples, len(pool)), len(dev),
                st.num_iterations)
 
-  lm, lm_of = None, -1
+  lm = Generator(model_cfg, tok, mesh, st.batch_size, st.max_length)
 
-  def model(n: int, params=None) -> LanguageModel:
-    """M_n (0: the base model), loaded unless `params` are given or it is already there."""
-    nonlocal lm, lm_of
-    if lm_of != n or params is not None:
+  def model(n: int, params=None) -> Generator:
+    """M_n (0: the base model) in the sampler, loaded unless given or already there."""
+    if lm.of != n or params is not None:
       if params is None:
         params = _load_params(config.init_from if n == 0 else _iter_dir(workdir, n), target,
                               model_cfg)
-      if lm is None:
-        lm = LanguageModel(params, model_cfg, tok, mesh=mesh, batch_size=st.batch_size,
-                           max_length=st.max_length, seed=config.seed)
-      else:
-        lm.set_params(params)
-      lm_of = n
+      lm.set_params(params, n)
     return lm
 
   if st.eval_base and progress.data["base"] is None:
@@ -482,9 +492,7 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
                       f"{rec['generation']['attempted']} training items right, even with the "
                       "hint. STaR needs a base model whose few-shot accuracy is above zero")
     # ---------------------------------------------------------------------- 2. fine-tune
-    if lm is not None:
-      lm.set_params(None)     # M_{n-1} need not stay in memory while M_0 is fine-tuned
-      lm_of = -1
+    lm.set_params(None, -1)     # M_{n-1} need not stay in memory while M_0 is fine-tuned
     params, ft, seconds = finetune(config, out, examples, rec["steps"], n)
     if "finetune" not in rec:
       rec["finetune"] = {"time_s": seconds, "loss": ft.get("loss"), "steps": rec["steps"],
