@@ -219,22 +219,13 @@ def _task(task, hint_whole_solution: bool = False):
   return task
 
 
-# ------------------------------------------------------------------- name-based helpers
+# ------------------------------------------------------------------ name-based helper
 
 
 def query(task, example: tasks.Example, hint: bool = False,
           hint_whole_solution: bool = False) -> str:
   """The query of spec §1.2 (without exemplars), with the rationalization hint when `hint`."""
   return _task(task, hint_whole_solution).query(example, hint)
-
-
-def completion(task, text: str) -> str:
-  """The part of a generated continuation that is kept (and that the answer check reads)."""
-  return _task(task).completion(text)
-
-
-def is_right(task, text: str, example: tasks.Example) -> tuple[bool, str | None]:
-  return _task(task).check(text, example)
 
 
 # ------------------------------------------------------------------------------ the pass

@@ -210,8 +210,8 @@ def _write_json(path: str, obj) -> None:
 
 
 def best_iteration(progress: Progress) -> tuple[int, float]:
-  """(n, dev accuracy) of the best finished iteration (the first of equals); (0, base) or
-  (0, -1) before any."""
+  """(n, dev accuracy) of the best finished iteration (the first of equals); (0, -1.0) before
+  any."""
   best_n, best = 0, -1.0
   for r in progress.done_iterations():
     if r["dev"]["accuracy"] > best:
