@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from jaxstar.model import attention
 from jaxstar.model.config import ModelConfig
-from jaxstar.model.layers import Block, RMSNorm, constrain, dense_init, upcast
+from jaxstar.model.layers import Block, RMSNorm, constrain, dense, dense_init, upcast
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -118,8 +118,7 @@ class Transformer(nn.Module):
     """Next-token logits [B, L, V] in fp32 (or wider)."""
     dtype = jnp.dtype(self.cfg.dtype)
     w_dv = self.embedding.T if self.cfg.tie_embeddings else self.lm_head
-    out = jnp.einsum("bld,dv->blv", h_bld.astype(dtype), w_dv.astype(dtype),
-                     preferred_element_type=upcast(dtype))
+    out = dense(h_bld.astype(dtype), w_dv.astype(dtype), out_dtype=upcast(dtype))
     return constrain(out, ("act_batch", "act_len", "act_vocab"))
 
   def text_attend(self, tokens_bl, input_mask_bl=None, segment_ids_bl=None, return_kv=False):

@@ -43,7 +43,7 @@ from jaxstar import sampling
 from jaxstar.model import attention
 from jaxstar.model import transformer
 from jaxstar.model.config import ModelConfig
-from jaxstar.model.layers import upcast
+from jaxstar.model.layers import dense, upcast
 from jaxstar.quietstar.config import QuietStarConfig
 from jaxstar.quietstar.mixing import MixingHead, mix
 
@@ -416,8 +416,7 @@ def mask_thought_ids(logits, ids):
 
 
 def _logits(h, w_dv, dtype):
-  return jnp.einsum("...d,dv->...v", h.astype(dtype), w_dv.astype(dtype),
-                    preferred_element_type=upcast(dtype))
+  return dense(h.astype(dtype), w_dv.astype(dtype), out_dtype=upcast(dtype))
 
 
 def token_ce(h, w_dv, targets, remat: bool, dtype: str = "float32"):
