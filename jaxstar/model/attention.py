@@ -83,12 +83,29 @@ def weighted_values(probs_bkgls, v_bske):
   return out.reshape(b, l, k * g, e)
 
 
-def dot_attention(q_blhe, k_bske, v_bske, mask_bls):
-  """Grouped-query softmax attention with a boolean mask; softmax in fp32."""
-  scores = attention_scores(q_blhe, k_bske)
-  scores = jnp.where(mask_bls[:, None, None], scores, MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
-  return weighted_values(probs, v_bske)
+def dot_attention(q_blhe, k_bske, v_bske, mask_bls, heads_major: bool | None = None):
+  """Grouped-query softmax attention with a boolean mask; softmax in fp32.
+
+  On the CPU backend q, k and v are first laid out heads-major (q [B, K, G, L, E], k and v
+  [B, K, S, E]), so that every matmul of the forward and backward has its batch axes leading
+  and XLA:CPU writes no transposed copies of the [B, K, G, L, S] scores and their gradients
+  (attention's forward and backward in 0.7x the time, `benchmarks/layer_grads.py`). Other backends
+  keep the token-major einsums, which their layout assignment handles (not measured there).
+  `heads_major` forces one or the other.
+  """
+  if not (jax.default_backend() == "cpu" if heads_major is None else heads_major):
+    scores = attention_scores(q_blhe, k_bske)
+    scores = jnp.where(mask_bls[:, None, None], scores, MASK_VALUE)
+    return weighted_values(jax.nn.softmax(scores, axis=-1), v_bske)
+  b, l, h, e = q_blhe.shape
+  kv_heads = k_bske.shape[2]
+  q_bkgle = q_blhe.reshape(b, l, kv_heads, h // kv_heads, e).transpose(0, 2, 3, 1, 4)
+  k_bkse, v_bkse = k_bske.transpose(0, 2, 1, 3), v_bske.transpose(0, 2, 1, 3)
+  scores = jnp.einsum("bkgle,bkse->bkgls", q_bkgle, k_bkse,
+                      preferred_element_type=upcast(q_blhe.dtype)) * (e ** -0.5)
+  probs = jax.nn.softmax(jnp.where(mask_bls[:, None, None], scores, MASK_VALUE), axis=-1)
+  out = jnp.einsum("bkgls,bkse->bkgle", probs.astype(v_bske.dtype), v_bkse)
+  return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
 
 
 @flax.struct.dataclass
