@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxstar import model as model_lib
+from jaxstar.model import attention, layers
 from tests import equivalence
 from tests.equivalence import assert_close, assert_far, assert_tree_close, x64
 
@@ -133,3 +134,36 @@ def test_unrolled_layer_scan_computes_the_same():
     assert_tree_close(outs[1][1], outs[0][1])
   with pytest.raises(ValueError, match=r"scan_unroll=5 must be in \[1, num_layers=4\]"):
     model_lib.get_config("tiny", scan_unroll=5)
+
+
+@pytest.mark.parametrize("x_shape,w_shape,in_axes", [
+    ((2, 5, 3), (3, 4, 2), 1),        # [B, L, D] x [D, H, E], as the q projection
+    ((2, 5, 4, 2), (4, 2, 3), 2),     # [B, L, H, E] x [H, E, D], as the output projection
+    ((7, 3), (3, 6), 1)])
+def test_flat_dense_matches_the_einsum_in_values_and_gradients(x_shape, w_shape, in_axes):
+  with x64():
+    rng = np.random.default_rng(0)
+    x, w = jnp.asarray(rng.normal(size=x_shape)), jnp.asarray(rng.normal(size=w_shape))
+    ct = jnp.asarray(rng.normal(size=x_shape[:len(x_shape) - in_axes] + w_shape[in_axes:]))
+    results = [jax.jit(jax.value_and_grad(
+        lambda x, w, flat=flat: jnp.sum(layers.dense(x, w, in_axes, flat=flat) * ct), (0, 1)))(x, w)
+        for flat in (False, True)]
+    assert_close(results[1][0], results[0][0])
+    assert_tree_close(results[1][1], results[0][1])
+  with pytest.raises(ValueError, match="disagree"):
+    layers.dense(jnp.ones((2, 3)), jnp.ones((4, 5)))
+
+
+def test_heads_major_attention_matches_token_major_in_values_and_gradients():
+  with x64():
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.normal(size=(2, 6, 4, 3)))          # [B, L, H, E], two kv heads
+    k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 3))) for _ in range(2))
+    idx = jnp.arange(6)
+    mask = attention.visible_keys(idx, idx, jnp.asarray(rng.random((2, 6)) > 0.2), 4)
+    ct = jnp.asarray(rng.normal(size=q.shape))
+    results = [jax.jit(jax.value_and_grad(
+        lambda q, k, v, hm=hm: jnp.sum(attention.dot_attention(q, k, v, mask, hm) * ct),
+        (0, 1, 2)))(q, k, v) for hm in (False, True)]
+    assert_close(results[1][0], results[0][0])
+    assert_tree_close(results[1][1], results[0][1])
