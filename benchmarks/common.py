@@ -40,6 +40,12 @@ def forward_flops_per_token(cfg: ModelConfig, context: int) -> float:
   return cfg.num_layers * per_layer + 2 * d * cfg.vocab_size  # + lm_head
 
 
+def parse_overrides(text: str) -> dict:
+  """'scan_unroll=4,remat_policy=none' -> {'scan_unroll': 4, 'remat_policy': 'none'}."""
+  pairs = (kv.split("=", 1) for kv in filter(None, text.split(",")))
+  return {k: int(v) if v.isdigit() else v for k, v in pairs}
+
+
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
   cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

@@ -85,7 +85,7 @@ def build(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | No
   from jaxstar.quietstar import loss as qs_loss  # pylint: disable=g-import-not-at-top
   from jaxstar.quietstar import thoughts  # pylint: disable=g-import-not-at-top
 
-  cfg = model_lib.ModelConfig(**(model or MODEL), remat_policy=remat, dtype=dtype)
+  cfg = model_lib.ModelConfig(**{**MODEL, **(model or {})}, remat_policy=remat, dtype=dtype)
   optimizer = train_lib.make_optimizer(train_lib.OptimConfig(lr=1e-4, clip_norm=1.0), 100)
   tokens = jax.random.randint(jax.random.key(1), (batch_size, L), 3, cfg.vocab_size - 2)
   batch = {"tokens": tokens, "mask": jnp.ones_like(tokens)}
@@ -121,7 +121,8 @@ def build(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | No
   return run, flops, compiled.memory_analysis()
 
 
-def run_case(ahead: int, remat: str, chunk: int, chunk_remat: str) -> dict:
+def run_case(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | None = None
+             ) -> dict:
   """One case in this process: memory first, then times interleaved with the plain step.
 
   The step's own memory is measured before anything else is compiled. Then, for ahead > 0, the
@@ -129,7 +130,7 @@ def run_case(ahead: int, remat: str, chunk: int, chunk_remat: str) -> dict:
   plain, case), so a slow spell of this shared machine hits both alike.
   """
   from benchmarks import common  # pylint: disable=g-import-not-at-top
-  run, flops, memory = build(ahead, remat, chunk, chunk_remat)
+  run, flops, memory = build(ahead, remat, chunk, chunk_remat, model)
   peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # before the reset below
   _reset_peak_rss()
   times = [common.time_fn(run, warmup=1, iters=3)]
@@ -137,7 +138,7 @@ def run_case(ahead: int, remat: str, chunk: int, chunk_remat: str) -> dict:
   out = dict(ahead=ahead, flops=flops, temp_bytes=int(memory.temp_size_in_bytes),
              step_rss=step_rss, peak_rss=max(peak_rss, step_rss))
   if ahead:
-    plain_run, plain_flops_, _ = build(0, remat, chunk, chunk_remat)
+    plain_run, plain_flops_, _ = build(0, remat, chunk, chunk_remat, model)
     plain_times = []
     for _ in range(2):
       plain_times.append(common.time_fn(plain_run, warmup=1, iters=5))
@@ -153,25 +154,28 @@ def main():
   parser.add_argument("--remat", default="full")
   parser.add_argument("--chunk", type=int, default=32, help="quietstar.chunk_positions")
   parser.add_argument("--chunk_remat", default="dots_no_batch", help="quietstar.chunk_remat")
+  parser.add_argument("--model", default="", help="MODEL overrides, e.g. scan_unroll=4")
   parser.add_argument("--single", type=int, default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
   if args.single is not None:
-    print(json.dumps(run_case(args.single, args.remat, args.chunk, args.chunk_remat)))
+    print(json.dumps(run_case(args.single, args.remat, args.chunk, args.chunk_remat,
+                              common.parse_overrides(args.model))))
     return
 
   def spawn(ahead):
     out = subprocess.run([sys.executable, "-m", "benchmarks.quietstar_step", "--single",
                           str(ahead), "--remat", args.remat, "--chunk", str(args.chunk),
-                          "--chunk_remat", args.chunk_remat], check=True, capture_output=True,
-                         text=True).stdout
+                          "--chunk_remat", args.chunk_remat, "--model", args.model],
+                         check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
-  from benchmarks import common  # pylint: disable=g-import-not-at-top
   peak = common.matmul_gflops()
   plain = spawn(0)
   plain_rate = plain["flops"] / plain["seconds"] / 1e9
   cases = [spawn(int(a)) for a in args.ahead.split(",")]
-  print(f"# Quiet-STaR step: {MODEL}, batch {B} x {L}, A={TALK}, P={P}, remat {args.remat}, "
+  print(f"# Quiet-STaR step: {MODEL}, overrides {args.model or 'none'}, batch {B} x {L}, "
+        f"A={TALK}, P={P}, remat {args.remat}, "
         f"chunk_positions {args.chunk}, chunk_remat {args.chunk_remat}; "
         f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores")
   print(f"# plain 2048x2048 fp32 matmul: {peak:.1f} GFLOP/s; plain LM train step: "

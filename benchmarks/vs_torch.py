@@ -120,8 +120,8 @@ def main():
   parser.add_argument("--xla_flags", default="", help="XLA_FLAGS of the timed processes")
   parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
   args = parser.parse_args()
-  args.model_overrides = [(k, int(v) if v.isdigit() else v) for k, v in
-                          (kv.split("=") for kv in filter(None, args.model.split(",")))]
+  from benchmarks import common  # pylint: disable=g-import-not-at-top
+  args.model_overrides = common.parse_overrides(args.model)
   if args.child:
     print("RESULT " + json.dumps(child(args)), flush=True)
     return
@@ -149,7 +149,6 @@ def main():
                  f"{r['torch_ms'] / r['jax_ms']:.2f}x",
                  f"{r['jax_loss0']:.4f} / {r['torch_loss0']:.4f}"))
     print(f"# {name}: {json.dumps(r)}", flush=True)
-  from benchmarks import common  # pylint: disable=g-import-not-at-top
   common.print_table(("allocator", "malloc in the process", "jaxstar ms", "torch ms",
                       "jaxstar speed vs torch", "first loss jaxstar / torch"), rows)
 
