@@ -125,15 +125,17 @@ def test_unrolled_layer_scan_computes_the_same():
   with x64():
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, 512, jnp.int32)
     outs = []
-    for unroll in (1, 4):
+    for unroll in (1, 2, 0):
       cfg = model_lib.get_config("tiny", scan_unroll=unroll, **equivalence.F64)
       module = model_lib.Transformer(cfg)
       params = module.init(jax.random.key(0), tokens)
       outs.append(jax.jit(jax.value_and_grad(lambda p: module.apply(p, tokens).sum()))(params))
-    assert_close(outs[1][0], outs[0][0])
-    assert_tree_close(outs[1][1], outs[0][1])
-  with pytest.raises(ValueError, match=r"scan_unroll=5 must be in \[1, num_layers=4\]"):
-    model_lib.get_config("tiny", scan_unroll=5)
+    for out in outs[1:]:
+      assert_close(out[0], outs[0][0])
+      assert_tree_close(out[1], outs[0][1])
+  for bad in (5, -1):
+    with pytest.raises(ValueError, match=rf"scan_unroll={bad} must be in \[0, num_layers=4\]"):
+      model_lib.get_config("tiny", scan_unroll=bad)
 
 
 @pytest.mark.parametrize("x_shape,w_shape,in_axes", [

@@ -31,9 +31,11 @@ class ModelConfig:
                                # least fp32 (`layers.upcast`)
   param_dtype: str = "float32"  # master weights
   remat_policy: str = "none"   # per-layer rematerialization: none | full | dots | dots_no_batch
-  # Layers per iteration of the scan over layers (num_layers: fully unrolled). Unrolling saves
-  # XLA:CPU the loop's bookkeeping; keep 1 on TPU/GPU, where an unrolled scan lets XLA undo the
-  # rematerialization and hold every layer's activations.
+  # Layers per iteration of the scan over layers (0 or num_layers: fully unrolled). Unrolling
+  # saves XLA:CPU the loop's bookkeeping (tiny models: train step 0.74-0.88x the time,
+  # `benchmarks/train_step.py --unroll 1,0`); keep 1 on TPU/GPU and wherever remat matters,
+  # since an unrolled scan lets XLA undo the rematerialization and hold every layer's
+  # activations.
   scan_unroll: int = 1
 
   def __post_init__(self):
@@ -49,9 +51,9 @@ class ModelConfig:
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
         raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}; choose one of {DTYPES}")
-    if not 1 <= self.scan_unroll <= self.num_layers:
-      raise ValueError(f"scan_unroll={self.scan_unroll} must be in [1, num_layers="
-                       f"{self.num_layers}]")
+    if not 0 <= self.scan_unroll <= self.num_layers:
+      raise ValueError(f"scan_unroll={self.scan_unroll} must be in [0, num_layers="
+                       f"{self.num_layers}] (0: all layers)")
     if self.sliding_window is not None and self.sliding_window <= 0:
       raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
 

@@ -87,7 +87,7 @@ class Transformer(nn.Module):
         split_rngs={"params": True},
         in_axes=(nn.broadcast, nn.broadcast, 0),
         length=cfg.num_layers,
-        unroll=cfg.scan_unroll,
+        unroll=cfg.scan_unroll or cfg.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(cfg, name="layers")
     self.final_norm = RMSNorm(cfg.norm_eps, jnp.dtype(cfg.dtype), pdt, name="final_norm")
