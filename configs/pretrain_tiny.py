@@ -14,6 +14,7 @@ def get_config(arg=None):
   config = common.base_config()
   config.stage = "pretrain"
   config.model = common.model_config(args.variant)
+  config.model.scan_unroll = 0  # all layers unrolled: CPU step 0.88x the time (train_step.py)
   config.tokenizer = "bytes"
   config.data = common.lm_data_config(seq_len=96, synthetic_docs=20000, synthetic_max_digits=2)
   config.eval_data = common.lm_data_config(seq_len=96, synthetic_docs=256, seed=1234,
