@@ -18,7 +18,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from jaxstar.model.layers import upcast
+from jaxstar.model.layers import cpu_layouts, upcast
 
 # Finite "minus infinity": a fully masked row then gives a uniform softmax instead of NaNs.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -91,9 +91,9 @@ def dot_attention(q_blhe, k_bske, v_bske, mask_bls, heads_major: bool | None = N
   and XLA:CPU writes no transposed copies of the [B, K, G, L, S] scores and their gradients
   (attention's forward and backward in 0.7x the time, `benchmarks/layer_grads.py`). Other backends
   keep the token-major einsums, which their layout assignment handles (not measured there).
-  `heads_major` forces one or the other.
+  `heads_major` forces one or the other (default: `layers.cpu_layouts()`).
   """
-  if not (jax.default_backend() == "cpu" if heads_major is None else heads_major):
+  if not (cpu_layouts() if heads_major is None else heads_major):
     scores = attention_scores(q_blhe, k_bske)
     scores = jnp.where(mask_bls[:, None, None], scores, MASK_VALUE)
     return weighted_values(jax.nn.softmax(scores, axis=-1), v_bske)

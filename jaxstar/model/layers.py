@@ -32,6 +32,22 @@ def upcast(dtype) -> jnp.dtype:
   return jnp.promote_types(dtype, jnp.float32)
 
 
+_CPU_LAYOUTS: list[bool | None] = [None]
+
+
+def cpu_layouts() -> bool:
+  """Whether traced code takes the CPU layouts (`dense`'s 2-D matmul, heads-major attention):
+  on the CPU backend, unless `set_cpu_layouts` says otherwise."""
+  forced = _CPU_LAYOUTS[0]
+  return jax.default_backend() == "cpu" if forced is None else forced
+
+
+def set_cpu_layouts(enabled: bool | None) -> None:
+  """Forces the CPU layouts on or off (None: by backend). A compile-only run on emulated CPU
+  devices turns them off, so that it compiles the program an accelerator would run."""
+  _CPU_LAYOUTS[0] = enabled
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul_2d(x_ni, w_io, out_dtype):
   return jax.lax.dot_general(x_ni, w_io, (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
@@ -63,14 +79,14 @@ def dense(x, w, in_axes: int = 1, out_dtype=None, flat: bool | None = None):
   "...i,io->...o"; on the CPU backend it runs as one 2-D matmul with a custom gradient whose
   weight gradient XLA:CPU computes without materializing transposed activations (the MLP's
   forward and backward x0.6 in time, `benchmarks/layer_grads.py`). Other backends take the einsum.
-  `flat` forces one or the other (default: the 2-D matmul on CPU only).
+  `flat` forces one or the other (default: `cpu_layouts()`).
   """
   lead, in_shape = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
   if tuple(w.shape[:in_axes]) != tuple(in_shape):
     raise ValueError(f"dense: x {x.shape} and w {w.shape} disagree on {in_axes} axes")
   out_shape = w.shape[in_axes:]
   out_dtype = jnp.dtype(out_dtype or x.dtype)
-  if not (jax.default_backend() == "cpu" if flat is None else flat):
+  if not (cpu_layouts() if flat is None else flat):
     return jax.lax.dot_general(x, w, ((tuple(range(x.ndim - in_axes, x.ndim)),
                                        tuple(range(in_axes))), ((), ())),
                                preferred_element_type=out_dtype)
