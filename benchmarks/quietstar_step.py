@@ -33,29 +33,6 @@ MODEL = dict(vocab_size=4096, embed_dim=256, num_layers=4, num_heads=8, num_kv_h
              head_dim=32, mlp_dim=512)
 
 
-def layer_flops(cfg, context: float) -> float:
-  """Forward matmul FLOPs of one token through one layer attending to `context` keys."""
-  d, h, k, e, f = cfg.embed_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.mlp_dim
-  return 2 * d * (h * e + 2 * k * e) + 2 * h * e * d + 6 * d * f + 4 * h * e * context
-
-
-def quietstar_flops(cfg, ahead: int, batch: int = B) -> float:
-  """Forward+backward model FLOPs of one Quiet-STaR step (see module docstring)."""
-  d, v, n = cfg.embed_dim, cfg.vocab_size, batch * P
-  head = 2 * d * v
-  fwd = batch * L * (cfg.num_layers * layer_flops(cfg, L) + head)              # base pass
-  for s in range(1, ahead - 1):                                                # thought passes
-    fwd += n * L * (cfg.num_layers * layer_flops(cfg, L + s) + (head if s <= ahead - 3 else 0))
-  mixing = 2 * (2 * d * d + d * d + d)
-  fwd += n * L * TALK * (cfg.num_layers * layer_flops(cfg, L + ahead - 2 + TALK) + mixing + head)
-  return 3 * fwd
-
-
-def plain_flops(cfg, batch: int = B) -> float:
-  head = 2 * cfg.embed_dim * cfg.vocab_size
-  return 3 * batch * L * (cfg.num_layers * layer_flops(cfg, L) + head)
-
-
 def _status_mib(field: str) -> float:
   with open("/proc/self/status") as f:
     for line in f:
@@ -79,6 +56,7 @@ def build(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | No
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from jaxstar import flops as flops_lib  # pylint: disable=g-import-not-at-top
   from jaxstar import model as model_lib  # pylint: disable=g-import-not-at-top
   from jaxstar import train_lib  # pylint: disable=g-import-not-at-top
   from jaxstar.quietstar import config as qs_config  # pylint: disable=g-import-not-at-top
@@ -97,7 +75,7 @@ def build(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | No
       del rng
       logits = module.apply({"params": p}, b["tokens"])
       return train_lib.next_token_loss(logits, b["tokens"], b["mask"])[0], {}
-    flops = plain_flops(cfg, batch_size)
+    flops = flops_lib.lm_step_flops(cfg, batch_size, L)
   else:
     qs = qs_config.QuietStarConfig(n_ahead=ahead, n_ahead_talk=TALK, n_passes=P,
                                    chunk_positions=chunk, chunk_remat=chunk_remat)
@@ -109,7 +87,7 @@ def build(ahead: int, remat: str, chunk: int, chunk_remat: str, model: dict | No
     def loss_fn(p, b, rng):
       out = model.apply({"params": p}, b["tokens"], b["mask"], rng)
       return qs_loss.quietstar_loss(out, b["mask"], qs)
-    flops = quietstar_flops(cfg, ahead, batch_size)
+    flops = flops_lib.quietstar_step_flops(cfg, batch_size, L, ahead, TALK, P)
   state = train_lib.init_train_state(nn.unbox(params), optimizer, 0)
   step = jax.jit(train_lib.make_train_step(loss_fn, optimizer), donate_argnums=0)
   compiled = step.lower(state, batch).compile()
