@@ -213,6 +213,8 @@ def base_config() -> ml_collections.ConfigDict:
   config.mesh_shape = (-1, 1, 1)        # ('data', 'fsdp', 'tensor'); one -1 fills the rest
   config.dcn_data = 1                   # slices in a multi-slice run (data axis over DCN)
   config.check_sharded = True           # fail if a large parameter is replicated
+  config.compile_only = False           # compile the train step, print its memory, stop (no
+                                        # data, weights or writes); the launcher's --compile_only
   config.checkpoint = ml_collections.ConfigDict(dict(
       save_every=100,                   # steps between checkpoints (also at the end / SIGTERM)
       keep=3,                           # newest checkpoints kept

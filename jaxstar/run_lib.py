@@ -56,6 +56,8 @@ def validate_config(config) -> None:
   for name in ("batch_size", "num_steps", "log_every"):
     if config[name] < 1:
       raise UserError(f"config.{name}={config[name]} must be >= 1")
+  if config.get("compile_only"):
+    return  # no weights are read: init_from is not needed
   if config.require_init_from and not config.init_from:
     raise UserError("config.init_from is empty: this config trains from pretrained weights; "
                     "set --config.init_from to a Hugging Face Mistral folder (config.json + "
@@ -88,6 +90,14 @@ def make_run_mesh(config):
                     f"{config.dcn_data}) does not fit the {jax.device_count()} "
                     f"{jax.devices()[0].platform} device(s) here: {e}. Set "
                     f"--config.mesh_shape (one entry may be -1).") from None
+
+
+def lm_batch_shapes(config) -> dict[str, tuple[int, int]]:
+  """Shapes of the global batches `Run.lm_data` yields: tokens and mask, plus segment ids when
+  `config.data.mode` packs documents."""
+  shape = (config.batch_size, config.data.seq_len)
+  keys = ("tokens", "mask") + (("segment_ids",) if config.data.mode == "pack" else ())
+  return {k: shape for k in keys}
 
 
 def with_shardings(abstract_tree, shardings):
@@ -250,6 +260,8 @@ class Run:
     validate_config(config)
     self.config, self.workdir = config, workdir
     self.is_main = jax.process_index() == 0
+    self.compile_only = bool(config.get("compile_only"))
+    self._abstract = None
     try:
       self.tok = tokenizer_lib.get_tokenizer(config.tokenizer)
     except (FileNotFoundError, ValueError) as e:
@@ -259,6 +271,9 @@ class Run:
     self.batch_sharding = sharding.batch_sharding(self.mesh)
     logging.info("%s: mesh %s over %d processes", config.stage, dict(self.mesh.shape),
                  jax.process_count())
+    if self.compile_only:  # nothing is written: no workdir, metrics or checkpoints
+      self.writer, self.ckpt = MetricWriter(workdir, enabled=False), None
+      return
     if self.is_main:
       os.makedirs(workdir, exist_ok=True)
       with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -288,8 +303,11 @@ class Run:
 
   def lm_data(self):
     """The training iterator over `config.data`, and a function returning the first
-    `config.eval_batches` batches of `config.eval_data` (the same ones at every evaluation)."""
+    `config.eval_batches` batches of `config.eval_data` (the same ones at every evaluation).
+    Compiling only: (None, a function returning no batches); nothing is read."""
     config = self.config
+    if self.compile_only:
+      return None, list
     make = lambda data_cfg: data_lib.lm_dataset_from_config(
         data_cfg, self.tok, config.batch_size, jax.process_index(), jax.process_count())
     data_iter = make(config.data).iterator()
@@ -319,6 +337,7 @@ class Run:
     """
     abstract = jax.eval_shape(init_state, jax.random.key(self.config.seed))
     shardings = sharding.shardings_for(abstract, self.mesh)
+    self._abstract = (abstract, shardings)
     if self.is_main:
       count = sum(int(x.size) for x in jax.tree.leaves(nn.unbox(abstract.params)))
       logging.info("%s: %s parameters\n%s", name, f"{count:,}",
@@ -329,13 +348,38 @@ class Run:
 
   # -------------------------------------------------------------------------- step functions
 
-  def jit_train_step(self, loss_fn: train_lib.LossFn, optimizer, shardings):
-    """The jitted, donated `(state, batch) -> (state, metrics)` of `loss_fn`."""
+  def jit_train_step(self, loss_fn: train_lib.LossFn, optimizer, shardings,
+                     batch_shapes: Mapping[str, tuple[int, ...]] | None = None):
+    """The jitted, donated `(state, batch) -> (state, metrics)` of `loss_fn`.
+
+    Compiling only (`config.compile_only`), it lowers and compiles the step for int32 batches of
+    `batch_shapes` (default: `lm_batch_shapes(config)`) and the state `shard` described, prints
+    `compile_plan.report` and raises `compile_plan.CompiledOnly` (exit status 0).
+    """
     step = train_lib.make_train_step(loss_fn, optimizer, grad_accum=self.config.optim.grad_accum,
                                      skip_nonfinite=self.config.nonfinite == "skip")
     with sharding.use_mesh(self.mesh):
-      return jax.jit(step, in_shardings=(shardings, self.batch_sharding),
-                     out_shardings=(shardings, None), donate_argnums=0)
+      jitted = jax.jit(step, in_shardings=(shardings, self.batch_sharding),
+                       out_shardings=(shardings, None), donate_argnums=0)
+    if self.compile_only:
+      self._compile_and_stop(jitted, batch_shapes or lm_batch_shapes(self.config))
+    return jitted
+
+  def _compile_and_stop(self, jitted, batch_shapes):
+    from jaxstar import compile_plan  # pylint: disable=g-import-not-at-top
+    if self._abstract is None:
+      raise RuntimeError("compile_only: call Run.shard before Run.jit_train_step")
+    abstract, shardings = self._abstract
+    state = with_shardings(abstract, shardings)
+    batch = {k: jax.ShapeDtypeStruct(tuple(v), np.int32, sharding=self.batch_sharding)
+             for k, v in batch_shapes.items()}
+    with sharding.use_mesh(self.mesh):
+      compiled, seconds = compile_plan.compile_step(jitted, (state, batch))
+    text = compile_plan.report(self.config, self.model_cfg, self.mesh, compiled, seconds,
+                               batch_shapes)
+    if self.is_main:
+      print(text, flush=True)
+    raise compile_plan.CompiledOnly(text, compile_plan.memory_bytes(compiled))
 
   def jit_eval_step(self, fn, params_shardings, num_rest: int = 0):
     """`fn(params, batch, *rest)` jitted with the params and batch shardings; the `num_rest`

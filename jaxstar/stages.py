@@ -54,7 +54,7 @@ def run(config, workdir: str):
   """Runs the stage named by `config.stage` (after `create_init_from`); returns its metrics."""
   module = stage_module(config.stage)
   spec = config.create_init_from
-  if spec:
+  if spec and not config.get("compile_only"):   # compiling only trains nothing first
     if not config.init_from:
       raise UserError("config.create_init_from is set but config.init_from is empty: name the "
                       "folder to train it into")

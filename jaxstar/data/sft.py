@@ -26,6 +26,7 @@ from jaxstar.data import lm
 from jaxstar.errors import UserError
 
 LOSS_ON = ('completion', 'all')
+BATCH_KEYS = ('tokens', 'mask', 'targets', 'segment_ids')  # of every packed batch, int32
 
 
 @dataclasses.dataclass(frozen=True)

@@ -345,18 +345,20 @@ def finetune(config, workdir: str, examples: Sequence[sft.Example], steps: int, 
   sub.num_steps, sub.eval_every, sub.create_init_from = steps, 0, ""
   sub.seed = config.seed + n
   with run_lib.Run(sub, workdir) as run:
-    data = sft.sft_dataset(run.tok, examples, seq_len=st.seq_len,
-                           global_batch_size=config.batch_size, loss_on=st.loss_on,
-                           seed=sub.seed, process_index=jax.process_index(),
-                           process_count=jax.process_count())
-    data_iter, num_rows = data.iterator(), data.rows_per_epoch
     module = model_lib.Transformer(run.model_cfg)
     optimizer = run.optimizer()
 
     init_state = train_lib.lm_init_state(module, optimizer, sub.seed)
     abstract, shardings = run.shard(init_state, f"STaR iteration {n} fine-tuning")
 
-    train_step = run.jit_train_step(train_lib.lm_loss_fn(module), optimizer, shardings)
+    shape = (config.batch_size, st.seq_len)   # the packed rows of sft.sft_dataset
+    train_step = run.jit_train_step(train_lib.lm_loss_fn(module), optimizer, shardings,
+                                    {k: shape for k in sft.BATCH_KEYS})
+    data = sft.sft_dataset(run.tok, examples, seq_len=st.seq_len,
+                           global_batch_size=config.batch_size, loss_on=st.loss_on,
+                           seed=sub.seed, process_index=jax.process_index(),
+                           process_count=jax.process_count())
+    data_iter, num_rows = data.iterator(), data.rows_per_epoch
     state = run.restore(abstract, shardings, data_iter, init_state=init_state,
                         from_params=lambda p: train_lib.init_train_state(p, optimizer,
                                                                          sub.seed))
@@ -414,6 +416,8 @@ def train_and_evaluate(config, workdir: str) -> dict[str, Any]:
   run_lib.setup_logging()
   run_lib.validate_config(config)
   _check(config)
+  if config.get("compile_only"):  # the fine-tuning step alone: no data, weights or sampling
+    finetune(config, workdir, [], 1, 1)
   st = config.star
   task = make_task(config)
   pool, dev = load_data(config)
