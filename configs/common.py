@@ -184,6 +184,8 @@ def star_7b_config(task: str, **star_overrides) -> ml_collections.ConfigDict:
   for fine-tuning on a 32-chip slice: FSDP over 8, tensor parallel over 4."""
   config = star_stage_config(task, **star_overrides)
   config.model = model_config("mistral_7b")
+  config.model.vocab_size = 32002       # the "mistral" tokenizer's ids include the two thought
+                                        # tokens; the imported embedding grows to match
   config.model.dtype = "bfloat16"       # bf16 matmuls, fp32 master weights and Adam
   config.model.remat_policy = "full"
   config.tokenizer = "mistral"

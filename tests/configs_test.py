@@ -53,7 +53,7 @@ def test_every_config_file_builds_its_stage_config():
   for module in (pretrain_tiny, quietstar_tiny, quietstar_7b, star_arithmetic_tiny,
                  star_csqa_7b, star_gsm8k_7b):
     config = module.get_config()
-    run_lib.model_config_from(config, tokenizer.get_tokenizer("bytes"))
+    run_lib.model_config_from(config, tokenizer.get_tokenizer(config.tokenizer))  # its own
     if config.stage == "quietstar":
       trainer.quietstar_config(config)
     if config.stage == "star":
