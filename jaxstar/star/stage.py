@@ -105,7 +105,7 @@ def _check(config) -> None:
       raise UserError(f"config.star.{name}={st[name]} must be >= 1")
   if st.patience < 0:
     raise UserError(f"config.star.patience={st.patience} must be >= 0 (0: never stop early)")
-  if not config.init_from:
+  if not (config.init_from or config.get("compile_only")):
     raise UserError("config.init_from is empty: name the base model (a jaxstar run directory "
                     "or a Hugging Face Mistral folder) that every iteration fine-tunes")
 
