@@ -6,8 +6,10 @@
 Run the same command on every host of the slice. `init_from` is a Hugging Face Mistral folder
 (config.json + safetensors); the vocabulary grows from 32000 to 32002 for the thought tokens.
 OpenWebMath (first 1000 documents, as the official run) comes from Hugging Face datasets
-(`pip install datasets`; or point data.paths at a local copy). The mesh is for a v4-32 /
-v5e-32 slice (32 chips): FSDP over 8, tensor parallel over 4; adjust mesh_shape to yours.
+(`pip install datasets`; or point data.paths at a local copy). The mesh is for 32 chips (v4-64,
+v5p-64 or v5e-32; v4 and v5p names count two cores per chip): FSDP over 8, tensor parallel
+over 4; adjust mesh_shape to yours. `--compile_only --num_devices=N` prints what each device
+holds (README, "The 7B plan").
 """
 from configs import common
 
