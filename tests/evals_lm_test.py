@@ -89,3 +89,23 @@ def test_load_hugging_face_folder(tmp_path):
   assert [g for _, g in got] == [g for _, g in want]
   # The same float32 weights and programs: equal up to float32 rounding of the sum's scale.
   np.testing.assert_allclose([v for v, _ in got], [v for v, _ in want], rtol=1e-6)
+
+
+def test_with_thoughts_adds_untrained_thought_parameters_around_the_same_lm():
+  cfg = model_lib.get_config("tiny", num_layers=1)
+  lm = lm_lib.random_model(cfg, TOK, batch_size=2)
+  thinker = lm.with_thoughts(QuietStarConfig(n_ahead=5))
+  assert thinker.has_thoughts and thinker.lm_params is lm.params     # shared, not copied
+  assert thinker.with_thoughts() is thinker
+  assert not np.any(np.asarray(thinker.params["mixing"]["out_proj"]["kernel"]))
+  init = np.asarray(lm.params["embedding"])[TOK.thought_init_ids[0]]
+  scale = thinker.qs.embedding_scale    # stored / scale, used * scale; float32 rounding
+  np.testing.assert_allclose(np.asarray(thinker.params["start_thought"]) * scale, init,
+                             rtol=1e-6, atol=1e-7 * float(np.abs(init).max()))
+  # Mixing weight 0: thoughts are drawn but the text is the plain model's.
+  cfg_s = sampling.SamplingConfig(max_new_tokens=5)
+  plain = lm.sample(CONTEXTS[:2], cfg_s)
+  thought = thinker.sample(CONTEXTS[:2], cfg_s, thoughts=True)
+  assert [g.tokens for g in thought] == [g.tokens for g in plain]
+  assert thought[0].aux["thoughts"].shape == (len(thought[0].tokens), 2)
+  assert not np.any(np.asarray(thought[0].aux["mix_weight"]))

@@ -42,7 +42,7 @@ from jaxstar.model import transformer
 from jaxstar.quietstar import decoding
 from jaxstar.quietstar import trainer
 from jaxstar.quietstar.config import QuietStarConfig
-from jaxstar.quietstar.thoughts import QuietStarModel
+from jaxstar.quietstar.thoughts import QuietStarModel, thought_init_vector
 
 
 class LanguageModel:
@@ -81,6 +81,32 @@ class LanguageModel:
     tok = self.tokenizer
     return QuietStarModel(self.model_cfg, self._require_thoughts(), tok.start_thought_id,
                           tok.end_thought_id, tok.thought_init_ids[0], tok.pad_id)
+
+  def with_thoughts(self, qs: QuietStarConfig | None = None, seed: int = 0) -> "LanguageModel":
+    """This plain LM as a Quiet-STaR model before any training with thoughts, as the quietstar
+    stage starts one (spec/quietstar.md §2): thought vectors from the embedding of the
+    tokenizer's thought-init token ('---'), a fresh mixing head whose last layer is zero.
+    Thought-augmented decoding then thinks before every token (and shows the thoughts) while its
+    predictions equal the plain LM's, until `configs/quietstar_*.py` trains it. Only the small
+    new parameters are initialized; the LM's are shared, not copied."""
+    if self.has_thoughts:
+      return self
+    qs = qs or QuietStarConfig()
+    tok = self.tokenizer
+    model = QuietStarModel(self.model_cfg, qs, tok.start_thought_id, tok.end_thought_id,
+                           tok.thought_init_ids[0], tok.pad_id)
+
+    def new_params(rng, embedding):
+      # Only the mixing head leaves this function: XLA drops the LM's initializers.
+      fresh = model.init(rng, jnp.zeros((1, 2), jnp.int32), method=QuietStarModel.init_all)
+      vector = thought_init_vector(embedding, tok.thought_init_ids[0], qs.embedding_scale)
+      return nn.unbox(fresh["params"]["mixing"]), vector
+
+    mixing, vector = jax.jit(new_params)(jax.random.key(seed), self.params["embedding"])
+    params = {"lm": self.params, "start_thought": vector, "end_thought": vector,
+              "mixing": mixing}
+    return LanguageModel(params, self.model_cfg, tok, qs=qs, mesh=self.mesh,
+                         batch_size=self.batch_size, max_length=self.max_length, seed=self.seed)
 
   def _require_thoughts(self) -> QuietStarConfig:
     if self.qs is None:
