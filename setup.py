@@ -31,8 +31,9 @@ EXTRAS_REQUIRE = {
         "torch==2.13.0",
         "transformers",
         "safetensors",
-        "nbclient",
+        "nbclient",     # tests execute the colab/ notebooks
         "ipykernel",
+        "matplotlib",
         "lm_eval==0.4.13",  # tests/lm_eval_adapter_test.py (skipped without it)
     ],
     "torch": ["torch==2.13.0", "transformers", "safetensors"],

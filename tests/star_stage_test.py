@@ -306,3 +306,30 @@ def test_a_changed_setting_in_the_same_workdir_is_refused(base, reference):
   c = star_config(base, **{"star.n_train_samples": 25})
   with pytest.raises(UserError, match=r"n_train_samples: 24 there, 25 now"):
     stages.run(c, workdir)
+
+
+@pytest.mark.slow
+def test_star_notebook_plots_accuracy_and_shows_rationales(base, tmp_path, monkeypatch):
+  """colab/star_demo.ipynb on this module's base model: one iteration of star_config's run."""
+  from tests import notebooks  # pylint: disable=g-import-not-at-top
+  settings = star_config(base).to_dict()
+  keys = ["star.n_train_samples", "star.chunk", "star.batch_size", "star.seq_len",
+          "star.start_steps", "star.arithmetic.digits", "star.arithmetic.pool_per_length",
+          "star.arithmetic.dev_per_length", "star.arithmetic.shots", "batch_size"]
+  overrides = {k: _get(settings, k) for k in keys}
+  overrides.update({f"model.{k}": v for k, v in settings["model"].items()
+                    if k != "variant" and v is not None})
+  nb = notebooks.execute("star_demo.ipynb", monkeypatch, WORKDIR=str(tmp_path),
+                         BASE_DIR=base, ITERATIONS=1, OVERRIDES=overrides)
+  text = notebooks.text_output(nb)
+  progress = json.loads(_read(os.path.join(tmp_path, "star", "star.json")))
+  accuracy = progress["iterations"]["1"]["dev"]["accuracy"]
+  assert f"1 {accuracy:.3f}" in text and f"0 {progress['base']['accuracy']:.3f}" in text
+  assert any(o.get("data", {}).get("image/png") for c in nb.cells for o in c.get("outputs", []))
+  assert text.count("=== dev item") == 3 and "--- iteration 1:" in text
+
+
+def _get(tree, dotted):
+  for k in dotted.split("."):
+    tree = tree[k]
+  return tree
