@@ -34,6 +34,7 @@ class Allocator:
   env: tuple[tuple[str, str], ...] = ()
 
   def find(self) -> str | None:
+    """The first file matching `patterns`, tried in order (None: not installed)."""
     for pattern in self.patterns:
       found = sorted(glob.glob(pattern))
       if found:
@@ -141,6 +142,8 @@ def describe() -> str:
 
 
 def main() -> None:
+  """`python -m jaxstar.allocator COMMAND ...`: runs COMMAND under the allocator `ensure` would
+  pick (as is when it is off or already set up)."""
   if len(sys.argv) < 2:
     raise SystemExit(f"usage: python -m jaxstar.allocator COMMAND [ARGS...]\n{__doc__}")
   name, path, env = choose()

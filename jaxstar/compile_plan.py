@@ -24,6 +24,7 @@ GIB = 1024 ** 3
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
+  """A TPU generation: its name, peak dense bf16 TFLOP/s and HBM per chip."""
   name: str
   bf16_tflops: float  # peak dense bf16 matmul TFLOP/s per chip
   hbm_gib: float

@@ -146,6 +146,7 @@ class MetricWriter:
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    """Logs `scalars` at `step` to TensorBoard and as one line of metrics.jsonl (when enabled)."""
     if not self.enabled:
       return
     row = {k: float(v) for k, v in scalars.items()}
@@ -155,6 +156,7 @@ class MetricWriter:
     self._jsonl.flush()
 
   def close(self) -> None:
+    """Closes the event file and metrics.jsonl; later writes and closes do nothing."""
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
@@ -220,6 +222,7 @@ class Preemption:
     return self.requested
 
   def close(self):
+    """Puts back the SIGTERM handler that was there before, when this object replaced it."""
     import signal  # pylint: disable=g-import-not-at-top
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
@@ -295,6 +298,7 @@ class Run:
     self.close()
 
   def close(self) -> None:
+    """Closes the checkpointer (finishing a pending save) and the metric writer."""
     if self.ckpt is not None:
       self.ckpt.close()
     self.writer.close()
@@ -325,6 +329,7 @@ class Run:
   # -------------------------------------------------------------------- model and optimizer
 
   def optimizer(self):
+    """The optimizer of `config.optim` over `config.num_steps` (`train_lib.make_optimizer`)."""
     return train_lib.make_optimizer(self.config.optim, self.config.num_steps)
 
   # ----------------------------------------------------------------------------------- shard

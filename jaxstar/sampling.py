@@ -128,16 +128,20 @@ class PlainDecoder:
 
   @property
   def module(self):
+    """The (unbound) `Transformer` of `cfg`."""
     return transformer.Transformer(self.cfg)
 
   def cache_slots(self, prompt_len: int, max_new: int) -> int:
+    """Cache slots for a prompt of `prompt_len` tokens and `max_new` new ones."""
     return prompt_len + max_new
 
   def init_cache(self, params, batch: int, slots: int):
+    """An empty `KVCache` of `slots` slots for `batch` rows, sharded like the activations."""
     del params
     return constrain_cache(transformer.init_cache(self.cfg, batch, slots))
 
   def prefill(self, params, tokens_bl, mask_bl, positions_bl, cache, rng):
+    """The prompts [B, L] through the empty cache: (next-token logits [B, V], cache, {})."""
     del rng
     logits, cache = self.module.apply({"params": params}, tokens_bl, cache, mask_bl,
                                       positions_bl, empty_cache=True,
@@ -145,6 +149,7 @@ class PlainDecoder:
     return logits[:, -1], cache, {}
 
   def step(self, params, tokens_b, positions_b, cache, rng):
+    """One token per row [B] at `positions_b`: (next-token logits [B, V], cache, {})."""
     del rng
     logits, cache = self.module.apply({"params": params}, tokens_b[:, None], cache, None,
                                       positions_b[:, None], method=transformer.Transformer.decode)

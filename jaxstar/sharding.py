@@ -148,6 +148,7 @@ def _path_name(path) -> str:
 
 
 def bytes_per_device(shape: Sequence[int], dtype, sharding: NamedSharding) -> int:
+  """Bytes of one device's shard of a `shape`, `dtype` array under `sharding`."""
   shard = sharding.shard_shape(tuple(shape))
   return int(np.prod(shard, dtype=np.int64)) * np.dtype(dtype).itemsize
 

@@ -24,6 +24,7 @@ STAGES = {
 
 
 def stage_module(stage: str):
+  """The module of `stage` (`STAGES`); raises `UserError` for an unknown stage."""
   if stage not in STAGES:
     raise UserError(f"config.stage={stage!r}; choose one of {sorted(STAGES)}")
   return importlib.import_module(STAGES[stage])

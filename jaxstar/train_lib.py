@@ -114,6 +114,7 @@ def make_optimizer(optim_cfg, num_steps: int) -> optax.GradientTransformation:
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+  """A `TrainState` at step 0: `params`, `optimizer`'s initial state and the key of `seed`."""
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=optimizer.init(params), rng=jax.random.key(seed))
 

@@ -71,13 +71,17 @@ class LanguageModel:
 
   @property
   def has_thoughts(self) -> bool:
+    """True for a Quiet-STaR model (`qs` given), False for a plain LM."""
     return self.qs is not None
 
   @property
   def lm_params(self):
+    """The LM's params: `params['lm']` of a Quiet-STaR model, else `params`."""
     return self.params["lm"] if self.has_thoughts else self.params
 
   def thought_model(self) -> QuietStarModel:
+    """The `QuietStarModel` of `model_cfg`, `qs` and the tokenizer's thought ids; raises
+    `UserError` for a plain LM."""
     tok = self.tokenizer
     return QuietStarModel(self.model_cfg, self._require_thoughts(), tok.start_thought_id,
                           tok.end_thought_id, tok.thought_init_ids[0], tok.pad_id)

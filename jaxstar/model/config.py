@@ -58,6 +58,7 @@ class ModelConfig:
       raise ValueError(f"sliding_window must be positive or None, got {self.sliding_window}")
 
   def replace(self, **kw: Any) -> "ModelConfig":
+    """A copy with the fields in `kw` changed, validated again (`dataclasses.replace`)."""
     return dataclasses.replace(self, **kw)
 
 

@@ -20,6 +20,7 @@ INIT_STD = 0.02  # Mistral's initializer_range
 
 
 def dense_init(names: tuple[str, ...]) -> Callable:
+  """Mistral's normal(INIT_STD) initializer, boxed with the logical axis names `names`."""
   return nn.with_logical_partitioning(nn.initializers.normal(INIT_STD), names)
 
 

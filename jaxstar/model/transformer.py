@@ -58,6 +58,7 @@ class KVCache:
 
   @property
   def max_len(self) -> int:
+    """S: the number of cache slots."""
     return self.k.shape[2]
 
 
@@ -74,6 +75,8 @@ class Transformer(nn.Module):
   cfg: ModelConfig
 
   def setup(self):
+    """Declares the parameters and submodules: embedding, the scanned layers, final_norm and
+    lm_head (absent when tied)."""
     cfg = self.cfg
     pdt = jnp.dtype(cfg.param_dtype)
     self.embedding = self.param("embedding", dense_init(("vocab", "embed")),

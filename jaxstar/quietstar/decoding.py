@@ -54,22 +54,29 @@ class ThoughtDecoder:
 
   @property
   def model(self) -> QuietStarModel:
+    """The (unbound) `QuietStarModel` of these settings."""
     return QuietStarModel(self.cfg, self.qs, self.start_id, self.end_id, self.init_id,
                           self.pad_id)
 
   def cache_slots(self, prompt_len: int, max_new: int) -> int:
+    """Slots for the prompt, the new tokens and the thought branch past the last one."""
     # The real tokens, then the branch: start, T thought tokens and end past the last one.
     return prompt_len + max_new + self.qs.num_sampled + 1
 
   def init_cache(self, params, batch: int, slots: int):
+    """As `PlainDecoder.init_cache`: an empty cache of `slots` slots for `batch` rows."""
     del params
     return sampling.constrain_cache(transformer.init_cache(self.cfg, batch, slots))
 
   def prefill(self, params, tokens_bl, mask_bl, positions_bl, cache, rng):
+    """As `PlainDecoder.prefill`, then the thought after the last prompt token (`prefill_thought`):
+    (mixed logits [B, V], cache, {'thoughts': [B, T], 'mix_weight': [B]})."""
     return self.model.apply({"params": params}, tokens_bl, mask_bl, positions_bl, cache, rng,
                             self.greedy_thoughts, method=prefill_thought)
 
   def step(self, params, tokens_b, positions_b, cache, rng):
+    """As `PlainDecoder.step`, then the thought after the new token (`step_thought`): (mixed
+    logits [B, V], cache, {'thoughts': [B, T], 'mix_weight': [B]})."""
     return self.model.apply({"params": params}, tokens_b, positions_b, cache, rng,
                             self.greedy_thoughts, method=step_thought)
 

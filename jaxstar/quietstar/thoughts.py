@@ -127,6 +127,7 @@ class QuietStarModel(nn.Module):
   pad_id: int = 2   # fed as the teacher-forced token past the end of the sequence
 
   def setup(self):
+    """Declares the parameters and submodules: `lm`, `start_thought`, `end_thought`, `mixing`."""
     d = self.cfg.embed_dim
     self.lm = transformer.Transformer(self.cfg)
     init = lambda rng, shape: thought_init_vector(self.lm.embedding, self.init_id,
@@ -411,6 +412,7 @@ def _chunk_with_block_grad(module: QuietStarModel, greedy: bool, return_logits: 
 
 
 def mask_thought_ids(logits, ids):
+  """`logits` [..., V] with the ids in `ids` (start/end) set to MASKED_LOGIT."""
   banned = jnp.zeros(logits.shape[-1], bool).at[jnp.array(ids)].set(True)
   return jnp.where(banned, MASKED_LOGIT, logits)
 

@@ -61,6 +61,7 @@ class Item:
 
 
 def check_task(task: str) -> None:
+  """Raises `UserError` unless `task` is one of TASKS."""
   if task not in TASKS:
     raise UserError(f"STaR task {task!r}; choose one of {TASKS}")
 
@@ -85,20 +86,25 @@ class QATask:
 
   @property
   def stop(self) -> tuple[str, ...]:
+    """Stop strings: a newline for CommonsenseQA, a blank line for GSM8K."""
     # A CommonsenseQA answer is one line; a GSM8K solution ends before the next blank line.
     return ("\n",) if self.name == "commonsenseqa" else ("\n\n",)
 
   @property
   def max_new_tokens(self) -> int:
+    """Tokens generated per attempt at most: 96 for CommonsenseQA, 256 for GSM8K."""
     return 96 if self.name == "commonsenseqa" else 256   # spec §1.10 #6
 
   def exemplars(self, hint: bool = False) -> list[str]:
+    """The few-shot exemplars: of `prompt_path` (`hint_prompt_path` with `hint`), else the
+    packaged ones."""
     path = self.hint_prompt_path if hint else self.prompt_path
     if path:
       return tasks.load_prompts(path)
     return tasks.packaged_prompts(self.name, "answer_key" if hint else "rationale")
 
   def query(self, example: tasks.Example, hint: bool = False) -> str:
+    """The query ("Q: ...\\nA:") of `example`, with the task's hint when `hint`."""
     if self.name == "commonsenseqa":
       if hint and example.answer not in {label.upper() for label, _ in example.choices}:
         raise UserError(f"CommonsenseQA item {example.question!r}: its answer "
@@ -109,6 +115,7 @@ class QATask:
                                     hint_whole_solution=self.hint_whole_solution)
 
   def prompt(self, example: tasks.Example, hint: bool = False) -> str:
+    """The few-shot context: the exemplars (the hinted ones with `hint`), then the query."""
     return tasks.few_shot_context(self.exemplars(hint), self.query(example, hint))
 
   def train_prefix(self) -> str:
@@ -116,6 +123,8 @@ class QATask:
     return "\n\n".join(self.exemplars()) + "\n\n"
 
   def completion(self, text: str) -> str:
+    """The kept part of a generated `text`: CommonsenseQA its first line; GSM8K up to and
+    including the first "####" line (all of it when there is none)."""
     text = text.split(tasks.END_OF_TEXT, 1)[0]
     if self.name == "commonsenseqa":
       return text.split("\n", 1)[0]
@@ -126,10 +135,12 @@ class QATask:
     return text
 
   def check(self, completion: str, example: tasks.Example) -> tuple[bool, str | None]:
+    """(right, extracted answer or None) of `completion` against `example`'s gold answer."""
     pred = answers.extract_answer(self.name, completion, "few_shot")
     return answers.is_correct(self.name, pred, example.answer), pred
 
   def group(self, example: tasks.Example) -> str:
+    """The accuracy group of `example`: always 'all'."""
     del example
     return "all"
 
@@ -154,11 +165,13 @@ class ArithmeticTask:
 
   @property
   def max_new_tokens(self) -> int:
+    """Tokens generated per attempt at most: 48 per digit of `max_digits`, and 48 more."""
     # "<scratch>" ... "</scratch>" and the answer: about 45 bytes per digit and 40 more.
     return 48 * self.max_digits + 48
 
   @staticmethod
   def operands(example: tasks.Example) -> tuple[int, int]:
+    """(a, b) of an addition example: from its raw fields, else from its question "a + b"."""
     raw = example.raw or {}
     if "a" in raw and "b" in raw:
       return int(raw["a"]), int(raw["b"])
@@ -166,9 +179,12 @@ class ArithmeticTask:
     return int(a.replace(" ", "")), int(b.replace(" ", ""))
 
   def digits(self, example: tasks.Example) -> int:
+    """The digit count of `example` (of its first operand)."""
     return len(str(self.operands(example)[0]))
 
   def exemplars(self, example: tasks.Example) -> list[tuple[int, int]]:
+    """The (a, b) solved before `example`: `shots` seeded draws from `exemplar_pool` fixed
+    problems of its digit count, itself excluded."""
     a, b = self.operands(example)
     d = self.digits(example)
     pool = [ex.raw for ex in tasks.generate_addition(self.exemplar_pool, d, seed=self.seed + 7)]
@@ -178,26 +194,34 @@ class ArithmeticTask:
                                         replace=False)]
 
   def query(self, example: tasks.Example, hint: bool = False) -> str:
+    """The query ("Input: ...\\nTarget:") of `example`; `hint` puts the answer line after
+    "Target:"."""
     return tasks.addition_query(*self.operands(example), hint=hint)
 
   def prompt(self, example: tasks.Example, hint: bool = False) -> str:
+    """The solved exemplars (hinted with `hint`), then the query, separated by blank lines."""
     shots = tasks.addition_sample(self.exemplars(example), hint=hint)
     return tasks.few_shot_context([shots] if shots else [], self.query(example, hint))
 
   def train_prefix(self) -> str:
+    """As `QATask.train_prefix`: ''."""
     return ""   # the exemplars are per problem; saved examples are the query alone
 
   def completion(self, text: str) -> str:
+    """The kept part of a generated `text`: up to and including the answer line after
+    "</scratch>" (all of it when there is none)."""
     lines = text.split(tasks.END_OF_TEXT, 1)[0].split("\n")
     if "</scratch>" in lines:
       return "\n".join(lines[:lines.index("</scratch>") + 2])
     return "\n".join(lines)
 
   def check(self, completion: str, example: tasks.Example) -> tuple[bool, str | None]:
+    """(right, predicted answer line or None) of `completion` against `example`'s answer."""
     pred = tasks.extract_arithmetic_answer(completion)
     return pred is not None and pred == example.answer, pred
 
   def group(self, example: tasks.Example) -> str:
+    """The accuracy group of `example`: its digit count, '<n> digits'."""
     return f"{self.digits(example)} digits"
 
 

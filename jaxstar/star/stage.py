@@ -111,6 +111,7 @@ def _check(config) -> None:
 
 
 def make_task(config):
+  """The `rationales` task of `config.star` (arithmetic: up to its largest digit count)."""
   st = config.star
   ar = st.arithmetic
   return rationales.make_task(st.task, hint_whole_solution=st.hint_whole_solution,
@@ -190,13 +191,16 @@ class Progress:
       self.data = saved
 
   def iteration(self, n: int) -> dict[str, Any]:
+    """Iteration `n`'s record, added (holding only its number) when missing."""
     return self.data["iterations"].setdefault(str(n), {"iteration": n})
 
   def done_iterations(self) -> list[dict[str, Any]]:
+    """The records of the iterations evaluated on dev, in iteration order."""
     rows = [r for r in self.data["iterations"].values() if "dev" in r]
     return sorted(rows, key=lambda r: r["iteration"])
 
   def save(self) -> None:
+    """Writes star.json atomically (process 0 only)."""
     if jax.process_index() == 0:
       _write_json(self.path, self.data)
 
@@ -280,9 +284,11 @@ class Generator:
     self.of = -1     # which M_n the params are (-1: none)
 
   def set_params(self, params, n: int) -> None:
+    """Samples with `params`, the params of M_n, from now on."""
     self.sampler.params, self.of = params, n
 
   def sample(self, prompts, cfg: sampling.SamplingConfig, progress=None):
+    """One `sampling.Generation` per prompt, in prompt order (`Sampler.generate`)."""
     return self.sampler.generate(prompts, cfg, progress=progress)
 
 
