@@ -46,6 +46,13 @@ def parse_overrides(text: str) -> dict:
   return {k: int(v) if v.isdigit() else v for k, v in pairs}
 
 
+def rate_row(label, seconds: float, n_tokens: int, flops: float, peak_gflops: float) -> tuple:
+  """(label, ms, tokens/s, GFLOP/step, GFLOP/s, share of the matmul peak) of a timed step."""
+  gflops = flops / seconds / 1e9
+  return (label, f"{seconds * 1e3:.1f}", f"{n_tokens / seconds:,.0f}", f"{flops / 1e9:.2f}",
+          f"{gflops:.1f}", f"{100 * gflops / peak_gflops:.0f}%")
+
+
 def print_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
   cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
   widths = [max(len(r[i]) for r in cells) for i in range(len(header))]

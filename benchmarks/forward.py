@@ -43,10 +43,7 @@ def main():
   rows = []
   for name, fn, flops in [("forward", lambda: fwd(params), flops_fwd),
                           ("forward+backward", lambda: fwd_bwd(params), 3 * flops_fwd)]:
-    seconds = common.time_fn(fn)
-    gflops = flops / seconds / 1e9
-    rows.append((name, f"{seconds * 1e3:.1f}", f"{n_tokens / seconds:,.0f}",
-                 f"{flops / 1e9:.1f}", f"{gflops:.1f}", f"{100 * gflops / peak:.0f}%"))
+    rows.append(common.rate_row(name, common.time_fn(fn), n_tokens, flops, peak))
   print(f"# {args.variant}: {model_lib.count_params(cfg):,} params, batch {args.batch} x "
         f"{args.seq_len} tokens, dtype {args.dtype}; {jax.devices()[0].platform} "
         f"({platform.processor() or platform.machine()}, {jax.device_count()} device(s))")

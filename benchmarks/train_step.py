@@ -45,10 +45,7 @@ def main():
   peak = common.matmul_gflops()
   rows = []
   for unroll, t in zip(unrolls, times):
-    seconds = sorted(t)[len(t) // 2]
-    gflops = flops / seconds / 1e9
-    rows.append((unroll, f"{seconds * 1e3:.1f}", f"{n_tokens / seconds:,.0f}",
-                 f"{flops / 1e9:.2f}", f"{gflops:.1f}", f"{100 * gflops / peak:.0f}%"))
+    rows.append(common.rate_row(unroll, sorted(t)[len(t) // 2], n_tokens, flops, peak))
   print(f"# {args.variant} {args.model or ''}: {model_lib.count_params(cfg):,} params, batch "
         f"{args.batch} x {args.seq_len}, remat {args.remat}; {jax.devices()[0].platform} "
         f"({platform.processor() or platform.machine()})")
