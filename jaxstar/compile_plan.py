@@ -56,11 +56,7 @@ def memory_bytes(compiled) -> dict[str, int]:
 
 def step_flops(config, model_cfg) -> tuple[float, int]:
   """(model FLOPs of one optimizer step, tokens per step) of `config`'s stage."""
-  if config.stage == "star":
-    seq_len = config.star.seq_len
-    return flops_lib.lm_step_flops(model_cfg, config.batch_size, seq_len), (
-        config.batch_size * seq_len)
-  seq_len = config.data.seq_len
+  seq_len = config.star.seq_len if config.stage == "star" else config.data.seq_len
   tokens = config.batch_size * seq_len
   if config.stage == "quietstar" and not config.quietstar.original_mode:
     qs = config.quietstar
@@ -76,9 +72,10 @@ def compile_step(jitted, abstract_args) -> tuple[object, float]:
   return compiled, time.perf_counter() - start
 
 
-def report(config, model_cfg, mesh, compiled, compile_s: float, batch_shapes: dict) -> str:
-  """The compile-only table: per-device memory and FLOPs, and what fits where."""
-  mem = memory_bytes(compiled)
+def report(config, model_cfg, mesh, mem: dict[str, int], compile_s: float,
+           batch_shapes: dict) -> str:
+  """The compile-only table from `memory_bytes`' figures: per-device memory and FLOPs, and what
+  fits where."""
   total = mem["total"]
   n_dev = mesh.devices.size
   flops, tokens = step_flops(config, model_cfg)

@@ -380,11 +380,12 @@ class Run:
              for k, v in batch_shapes.items()}
     with sharding.use_mesh(self.mesh):
       compiled, seconds = compile_plan.compile_step(jitted, (state, batch))
-    text = compile_plan.report(self.config, self.model_cfg, self.mesh, compiled, seconds,
+    memory = compile_plan.memory_bytes(compiled)
+    text = compile_plan.report(self.config, self.model_cfg, self.mesh, memory, seconds,
                                batch_shapes)
     if self.is_main:
       print(text, flush=True)
-    raise compile_plan.CompiledOnly(text, compile_plan.memory_bytes(compiled))
+    raise compile_plan.CompiledOnly(text, memory)
 
   def jit_eval_step(self, fn, params_shardings, num_rest: int = 0):
     """`fn(params, batch, *rest)` jitted with the params and batch shardings; the `num_rest`
