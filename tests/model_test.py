@@ -156,16 +156,23 @@ def test_flat_dense_matches_the_einsum_in_values_and_gradients(x_shape, w_shape,
     layers.dense(jnp.ones((2, 3)), jnp.ones((4, 5)))
 
 
-def test_heads_major_attention_matches_token_major_in_values_and_gradients():
+def test_heads_major_attention_matches_token_major_in_values_and_gradients(monkeypatch):
+  # Blocks of 4 queries over 10 (4, 4, 2): the causal path skips blocks above the diagonal.
+  monkeypatch.setattr(attention, "CAUSAL_BLOCK", 4)
   with x64():
     rng = np.random.default_rng(1)
-    q = jnp.asarray(rng.normal(size=(2, 6, 4, 3)))          # [B, L, H, E], two kv heads
-    k, v = (jnp.asarray(rng.normal(size=(2, 6, 2, 3))) for _ in range(2))
-    idx = jnp.arange(6)
-    mask = attention.visible_keys(idx, idx, jnp.asarray(rng.random((2, 6)) > 0.2), 4)
+    q = jnp.asarray(rng.normal(size=(2, 10, 4, 3)))          # [B, L, H, E], two kv heads
+    k, v = (jnp.asarray(rng.normal(size=(2, 10, 2, 3))) for _ in range(2))
+    idx = jnp.arange(10)
+    valid = jnp.asarray(rng.random((2, 10)) > 0.2).at[:, 0].set(True)  # no fully masked row
+    mask = attention.visible_keys(idx, idx, valid, 6)
     ct = jnp.asarray(rng.normal(size=q.shape))
+    variants = ((False, False), (True, False), (True, True))  # (heads_major, causal)
     results = [jax.jit(jax.value_and_grad(
-        lambda q, k, v, hm=hm: jnp.sum(attention.dot_attention(q, k, v, mask, hm) * ct),
-        (0, 1, 2)))(q, k, v) for hm in (False, True)]
-    assert_close(results[1][0], results[0][0])
-    assert_tree_close(results[1][1], results[0][1])
+        lambda q, k, v, hm=hm, c=c: jnp.sum(attention.dot_attention(q, k, v, mask, hm, c) * ct),
+        (0, 1, 2)))(q, k, v) for hm, c in variants]
+    for result in results[1:]:
+      assert_close(result[0], results[0][0])
+      assert_tree_close(result[1], results[0][1])
+  with pytest.raises(ValueError, match="as many queries as keys"):
+    attention.dot_attention(q[:, :5], k, v, mask[:, :5], True, True)

@@ -83,28 +83,80 @@ def weighted_values(probs_bkgls, v_bske):
   return out.reshape(b, l, k * g, e)
 
 
-def dot_attention(q_blhe, k_bske, v_bske, mask_bls, heads_major: bool | None = None):
+# Query block of the CPU path's causal attention: each block of queries attends only to the keys
+# up to its own end, so the blocks above the diagonal are never computed (`dot_attention`).
+CAUSAL_BLOCK = 128
+
+
+def _heads_major_core(q_bkgle, k_bkse, v_bkse, mask_bls):
+  """Softmax attention of pre-scaled heads-major queries: (out [B, K, G, L, E], probs)."""
+  scores = jnp.einsum("bkgle,bkse->bkgls", q_bkgle, k_bkse,
+                      preferred_element_type=upcast(q_bkgle.dtype))
+  probs = jax.nn.softmax(jnp.where(mask_bls[:, None, None], scores, MASK_VALUE), axis=-1)
+  return jnp.einsum("bkgls,bkse->bkgle", probs.astype(v_bkse.dtype), v_bkse), probs
+
+
+@jax.custom_vjp
+def _heads_major(q_bkgle, k_bkse, v_bkse, mask_bls):
+  return _heads_major_core(q_bkgle, k_bkse, v_bkse, mask_bls)[0]
+
+
+def _heads_major_fwd(q_bkgle, k_bkse, v_bkse, mask_bls):
+  out, probs = _heads_major_core(q_bkgle, k_bkse, v_bkse, mask_bls)
+  return out, (q_bkgle, k_bkse, v_bkse, probs, out)
+
+
+def _heads_major_bwd(residuals, d_out):
+  # The softmax gradient as flash attention takes it: dS = P * (dP - rowsum(dO * O)), one pass
+  # over the [.., L, S] scores where autodiff's softmax rule takes two (rowsum(dP * P), then dS).
+  q, k, v, probs, out = residuals
+  wide = probs.dtype
+  d_out_w = d_out.astype(wide)
+  d_v = jnp.einsum("bkgls,bkgle->bkse", probs, d_out_w)
+  d_probs = jnp.einsum("bkgle,bkse->bkgls", d_out_w, v.astype(wide))
+  row = jnp.sum(d_out_w * out.astype(wide), axis=-1, keepdims=True)
+  d_scores = probs * (d_probs - row)
+  d_q = jnp.einsum("bkgls,bkse->bkgle", d_scores, k.astype(wide))
+  d_k = jnp.einsum("bkgls,bkgle->bkse", d_scores, q.astype(wide))
+  return d_q.astype(q.dtype), d_k.astype(k.dtype), d_v.astype(v.dtype), None
+
+
+_heads_major.defvjp(_heads_major_fwd, _heads_major_bwd)
+
+
+def dot_attention(q_blhe, k_bske, v_bske, mask_bls, heads_major: bool | None = None,
+                  causal: bool = False):
   """Grouped-query softmax attention with a boolean mask; softmax in fp32.
 
   On the CPU backend q, k and v are first laid out heads-major (q [B, K, G, L, E], k and v
   [B, K, S, E]), so that every matmul of the forward and backward has its batch axes leading
-  and XLA:CPU writes no transposed copies of the [B, K, G, L, S] scores and their gradients
-  (attention's forward and backward in 0.7x the time, `benchmarks/layer_grads.py`). Other backends
-  keep the token-major einsums, which their layout assignment handles (not measured there).
-  `heads_major` forces one or the other (default: `layers.cpu_layouts()`).
+  and XLA:CPU writes no transposed copies of the [B, K, G, L, S] scores and their gradients,
+  and the gradient is computed by hand (`_heads_major_bwd`). With `causal` (the mask hides every
+  key after its query; L == S) the queries go in blocks of `CAUSAL_BLOCK`, each against the keys
+  up to its own end, which skips the fully masked blocks above the diagonal. Forward and backward
+  of attention in x0.5 the time of the token-major einsums (`benchmarks/layer_grads.py`). Other
+  backends keep the token-major einsums, which their layout assignment handles (not measured
+  there). `heads_major` forces one or the other (default: `layers.cpu_layouts()`).
   """
   if not (cpu_layouts() if heads_major is None else heads_major):
     scores = attention_scores(q_blhe, k_bske)
     scores = jnp.where(mask_bls[:, None, None], scores, MASK_VALUE)
     return weighted_values(jax.nn.softmax(scores, axis=-1), v_bske)
   b, l, h, e = q_blhe.shape
-  kv_heads = k_bske.shape[2]
+  s, kv_heads = k_bske.shape[1:3]
+  if causal and l != s:
+    raise ValueError(f"dot_attention: causal needs as many queries as keys, got {l} and {s}")
   q_bkgle = q_blhe.reshape(b, l, kv_heads, h // kv_heads, e).transpose(0, 2, 3, 1, 4)
+  q_bkgle = q_bkgle.astype(upcast(q_blhe.dtype)) * (e ** -0.5)  # scaled once, in fp32 or wider
   k_bkse, v_bkse = k_bske.transpose(0, 2, 1, 3), v_bske.transpose(0, 2, 1, 3)
-  scores = jnp.einsum("bkgle,bkse->bkgls", q_bkgle, k_bkse,
-                      preferred_element_type=upcast(q_blhe.dtype)) * (e ** -0.5)
-  probs = jax.nn.softmax(jnp.where(mask_bls[:, None, None], scores, MASK_VALUE), axis=-1)
-  out = jnp.einsum("bkgls,bkse->bkgle", probs.astype(v_bske.dtype), v_bkse)
+  ends = range(CAUSAL_BLOCK, l + CAUSAL_BLOCK, CAUSAL_BLOCK) if causal else (l,)
+  outs = []
+  for start, end in zip((0,) + tuple(ends), ends):
+    end = min(end, l)
+    keys = end if causal else s
+    outs.append(_heads_major(q_bkgle[:, :, :, start:end], k_bkse[:, :, :keys],
+                             v_bkse[:, :, :keys], mask_bls[:, start:end, :keys]))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
   return out.transpose(0, 3, 1, 2, 4).reshape(b, l, h, e)
 
 
@@ -116,13 +168,16 @@ class CausalAttend:
     mask_bll: [B, L, L] bool, e.g. `visible_keys(arange(L), arange(L), valid, window)`.
     return_kv: when True each layer returns its rotated keys and values ([B, L, K, E] each),
       stacked over layers by the scan (used to prefill caches and by the thought passes).
+    causal: the mask hides every key after its query, as `visible_keys` of equal query and key
+      indices does (on CPU `dot_attention` then skips the blocks above the diagonal).
   """
   mask_bll: jax.Array
   return_kv: bool = flax.struct.field(pytree_node=False, default=False)
+  causal: bool = flax.struct.field(pytree_node=False, default=False)
 
   def __call__(self, q, k, v, layer_state: Any):
     del layer_state
-    out = dot_attention(q, k, v, self.mask_bll)
+    out = dot_attention(q, k, v, self.mask_bll, causal=self.causal)
     return out, ((k, v) if self.return_kv else None)
 
 

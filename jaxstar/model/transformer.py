@@ -141,7 +141,7 @@ class Transformer(nn.Module):
       positions = attention.segment_positions(segment_ids_bl)
       mask = attention.visible_keys(idx, idx, input_mask_bl, self.cfg.sliding_window,
                                     segment_ids_bl, segment_ids_bl)
-    return positions, attention.CausalAttend(mask_bll=mask, return_kv=return_kv)
+    return positions, attention.CausalAttend(mask_bll=mask, return_kv=return_kv, causal=True)
 
   def __call__(self, tokens_bl, input_mask_bl=None, positions_bl=None, return_hidden=False,
                segment_ids_bl=None):
