@@ -63,10 +63,12 @@ def _matmul_2d_bwd(out_dtype, residuals, g_no):
   x_ni, w_io = residuals
   # In the gradient's dtype (fp32 logits of a bf16 model: fp32), cast back to the inputs'.
   dx_ni = jax.lax.dot_general(g_no, w_io.astype(g_no.dtype), (((1,), (1,)), ((), ())))
-  # Both operands contracted on their leading (token) axis: XLA:CPU's matmul reads them
-  # transposed in place, where the einsum's own transpose rule made XLA write a transposed copy
-  # of the output gradient for every weight gradient.
-  dw_io = jax.lax.dot_general(x_ni.astype(g_no.dtype), g_no, (((0,), (0,)), ((), ())))
+  # x^T g from a transposed copy of x: XLA:CPU runs a dot that contracts both operands' leading
+  # axes on its Eigen path, asynchronously and beside YNNPACK's threads, and the step is 4-6%
+  # slower that way (`benchmarks/layer_grads.py`); the barrier keeps XLA from folding the
+  # transpose back into the dot. (The einsum's transpose rule copied the larger output gradient.)
+  x_in = jax.lax.optimization_barrier(x_ni.astype(g_no.dtype).T)
+  dw_io = jax.lax.dot_general(x_in, g_no, (((1,), (0,)), ((), ())))
   return dx_ni.astype(x_ni.dtype), dw_io.astype(w_io.dtype)
 
 
