@@ -15,6 +15,7 @@ import pytest
 
 from jaxstar import model as model_lib
 from jaxstar.model import attention
+from jaxstar.model import layers as layers_lib
 from jaxstar.quietstar import config as qs_config
 from jaxstar.quietstar import loss as qs_loss
 from jaxstar.quietstar import thoughts
@@ -396,6 +397,38 @@ def _memory_reference():
     out = jax.jit(jax.value_and_grad(functools.partial(_memory_loss, model), has_aux=True))(
         params, tokens, mask, _forced(model))
     return jax.tree.map(np.asarray, out)
+
+
+def test_thought_attention_layouts_agree_in_values_and_gradients():
+  """`ThoughtAttend` heads-major (the CPU path, with its own gradient) against token-major (the
+  other backends'), with padding, a sliding window and two branch passes, in float64."""
+  b, p, l, qn, s_len, kv, g, e = 2, 2, 5, 3, 5, 2, 2, 4
+  n = b * p
+  with x64():
+    rng = np.random.default_rng(4)
+    normal = lambda *shape: jnp.asarray(rng.normal(size=shape))
+    valid = jnp.asarray([[True] * 5, [True, True, True, False, False]])
+    idx = jnp.arange(l)
+    attend = thoughts.ThoughtAttend(attention.visible_keys(idx, idx, valid, 3), valid,
+                                    passes=p, block=qn)
+    q, k, v = normal(n, l * qn, kv * g, e), normal(n, l * qn, kv, e), normal(n, l * qn, kv, e)
+    prefix = (normal(b, s_len, kv, e), normal(b, s_len, kv, e))
+    branch = tuple((normal(n, l, kv, e), normal(n, l, kv, e)) for _ in range(2))
+    ct = normal(*q.shape)
+
+    def loss(q, k, v, prefix, branch):
+      return jnp.sum(attend(q, k, v, (*prefix, branch))[0] * ct)
+    results = []
+    for heads_major in (False, True):
+      layers_lib.set_cpu_layouts(heads_major)
+      try:
+        results.append(jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3, 4)))(q, k, v, prefix,
+                                                                          branch))
+      finally:
+        layers_lib.set_cpu_layouts(None)
+    assert_close(results[1][0], results[0][0])
+    assert_tree_close(results[1][1], results[0][1])
+    assert float(optax_norm(results[1][1][4])) > 0  # the branch keys and values get gradient
 
 
 @pytest.mark.parametrize("qs_kw", [

@@ -33,6 +33,7 @@ differentiated as they are, nothing recomputed: the least work, for small models
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import flax.linen as nn
 import flax.struct
@@ -43,7 +44,7 @@ from jaxstar import sampling
 from jaxstar.model import attention
 from jaxstar.model import transformer
 from jaxstar.model.config import ModelConfig
-from jaxstar.model.layers import dense, upcast
+from jaxstar.model.layers import cpu_layouts, dense, upcast
 from jaxstar.quietstar.config import QuietStarConfig
 from jaxstar.quietstar.mixing import MixingHead, mix
 
@@ -71,6 +72,8 @@ class ThoughtAttend:
   block: int = flax.struct.field(pytree_node=False)
 
   def __call__(self, q, k, v, layer_state):
+    if cpu_layouts():
+      return self._heads_major(q, k, v, layer_state), (k, v)
     prefix_k, prefix_v, branch = layer_state
     b, s_len, kv_heads, e = prefix_k.shape
     l = self.own_ok_bi.shape[1]
@@ -106,6 +109,111 @@ class ThoughtAttend:
     out = out + jnp.einsum("bpikxr,bpirke->bpikxe", probs[..., s_len + len(branch):], v6)
     out = out.reshape(b, p, l, kv_heads, qn, g, e).transpose(0, 1, 2, 4, 3, 5, 6)
     return out.reshape(b * p, l * qn, h, e), (k, v)
+
+  def _heads_major(self, q, k, v, layer_state):
+    """The same attention with the kv heads leading ('bkpixe'), for XLA:CPU: every matmul has
+    its batch axes first, so no [.., S]-sized scores or probabilities are transposed, and the
+    softmax runs over the prefix, branch and block parts without concatenating them."""
+    prefix_k, prefix_v, branch = layer_state
+    b, s_len, kv_heads, e = prefix_k.shape
+    l = self.own_ok_bi.shape[1]
+    p, qn = self.passes, self.block
+    h = q.shape[2]
+    g = h // kv_heads
+    f32 = upcast(q.dtype)
+    heads = lambda a, r: a.reshape(b, p, l, r, kv_heads, e).transpose(0, 4, 1, 2, 3, 5)
+    qx = q.reshape(b, p, l, qn, kv_heads, g, e).transpose(0, 4, 1, 2, 3, 5, 6)
+    qx = qx.reshape(b, kv_heads, p, l, qn * g, e).astype(f32) * (e ** -0.5)  # X = Q * G
+    k6, v6 = heads(k, qn), heads(v, qn)                          # [B, K, P, L, Q, E]
+    branch = [(heads(bk, 1)[..., 0, :], heads(bv, 1)[..., 0, :]) for bk, bv in branch]
+    pk, pv = prefix_k.transpose(0, 2, 1, 3), prefix_v.transpose(0, 2, 1, 3)   # [B, K, S, E]
+
+    causal = (jnp.arange(qn * g)[:, None] // g) >= jnp.arange(qn)[None, :]     # [X, Q]
+    out = _thought_attention(qx, pk, pv, k6, v6, tuple(bk for bk, _ in branch),
+                             tuple(bv for _, bv in branch), self.prefix_mask_bij,
+                             self.own_ok_bi, causal)
+    out = out.astype(v.dtype).reshape(b, kv_heads, p, l, qn, g, e)
+    return out.transpose(0, 2, 3, 4, 1, 5, 6).reshape(b * p, l * qn, h, e)
+
+
+def _thought_probs(qx, pk, k6, branch_k, prefix_mask_bij, own_ok_bi, causal_xq):
+  """Softmax over prefix, branch and block keys of heads-major queries, without concatenating
+  them: (probs over the prefix [.., S], over the block [.., Q], one [..] per branch key)."""
+  f32 = qx.dtype
+  own = own_ok_bi[:, None, None, :, None]                                    # [B, 1, 1, L, 1]
+  s_pre = jnp.where(prefix_mask_bij[:, None, None, :, None, :],
+                    jnp.einsum("bkpixe,bkje->bkpixj", qx, pk, preferred_element_type=f32),
+                    attention.MASK_VALUE)
+  s_block = jnp.where(causal_xq & own[..., None],
+                      jnp.einsum("bkpixe,bkpire->bkpixr", qx, k6, preferred_element_type=f32),
+                      attention.MASK_VALUE)
+  s_branch = [jnp.where(own, jnp.einsum("bkpixe,bkpie->bkpix", qx, bk,
+                                        preferred_element_type=f32), attention.MASK_VALUE)
+              for bk in branch_k]
+  top = functools.reduce(jnp.maximum, [s_pre.max(-1), s_block.max(-1)] + s_branch)
+  e_pre, e_block = jnp.exp(s_pre - top[..., None]), jnp.exp(s_block - top[..., None])
+  e_branch = [jnp.exp(sc - top) for sc in s_branch]
+  inv = 1.0 / (e_pre.sum(-1) + e_block.sum(-1) + sum(e_branch))  # >= 1 term equal to 1
+  return e_pre * inv[..., None], e_block * inv[..., None], tuple(eb * inv for eb in e_branch)
+
+
+def _thought_values(probs, pv, v6, branch_v):
+  p_pre, p_block, p_branch = probs
+  f32 = p_pre.dtype
+  out = jnp.einsum("bkpixj,bkje->bkpixe", p_pre, pv.astype(f32))
+  out = out + jnp.einsum("bkpixr,bkpire->bkpixe", p_block, v6.astype(f32))
+  for pb, bv in zip(p_branch, branch_v):
+    out = out + pb[..., None] * bv[:, :, :, :, None, :].astype(f32)
+  return out
+
+
+@jax.custom_vjp
+def _thought_attention(qx, pk, pv, k6, v6, branch_k, branch_v, prefix_mask_bij, own_ok_bi,
+                       causal_xq):
+  """`ThoughtAttend` heads-major ('bkpixe'): queries qx [B, K, P, L, X, E] (fp32, pre-scaled)
+  against the prefix pk/pv [B, K, S, E], the block k6/v6 [B, K, P, L, Q, E] and the branch keys
+  (one [B, K, P, L, E] pair per earlier pass). Returns [B, K, P, L, X, E] in fp32."""
+  probs = _thought_probs(qx, pk, k6, branch_k, prefix_mask_bij, own_ok_bi, causal_xq)
+  return _thought_values(probs, pv, v6, branch_v)
+
+
+def _thought_attention_fwd(qx, pk, pv, k6, v6, branch_k, branch_v, prefix_mask_bij, own_ok_bi,
+                           causal_xq):
+  probs = _thought_probs(qx, pk, k6, branch_k, prefix_mask_bij, own_ok_bi, causal_xq)
+  out = _thought_values(probs, pv, v6, branch_v)
+  return out, (qx, pk, pv, k6, v6, branch_k, branch_v, probs, out)
+
+
+def _thought_attention_bwd(residuals, d_out):
+  # dS = P * (dP - rowsum(dO * O)) for every part of the softmax. The key and value gradients
+  # are taken transposed ('bkej': contracting the big [.., S] operand on its leading axes reads
+  # it as stored) and their small results transposed back, which keeps XLA:CPU from copying
+  # the [.., S] score gradients into a transposed layout.
+  qx, pk, pv, k6, v6, branch_k, branch_v, (p_pre, p_block, p_branch), out = residuals
+  f32 = qx.dtype
+  row = jnp.sum(d_out * out, axis=-1)                                        # [B, K, P, L, X]
+  ds_pre = p_pre * (jnp.einsum("bkpixe,bkje->bkpixj", d_out, pv.astype(f32)) - row[..., None])
+  ds_block = p_block * (jnp.einsum("bkpixe,bkpire->bkpixr", d_out, v6.astype(f32))
+                        - row[..., None])
+  ds_branch = [pb * (jnp.sum(d_out * bv[:, :, :, :, None, :].astype(f32), -1) - row)
+               for pb, bv in zip(p_branch, branch_v)]
+  d_q = (jnp.einsum("bkpixj,bkje->bkpixe", ds_pre, pk.astype(f32))
+         + jnp.einsum("bkpixr,bkpire->bkpixe", ds_block, k6.astype(f32)))
+  for dsb, bk in zip(ds_branch, branch_k):
+    d_q = d_q + dsb[..., None] * bk[:, :, :, :, None, :].astype(f32)
+  d_pk = jnp.einsum("bkpixe,bkpixj->bkej", qx, ds_pre).swapaxes(-1, -2)
+  d_pv = jnp.einsum("bkpixe,bkpixj->bkej", d_out, p_pre).swapaxes(-1, -2)
+  d_k6 = jnp.einsum("bkpixr,bkpixe->bkpire", ds_block, qx)
+  d_v6 = jnp.einsum("bkpixr,bkpixe->bkpire", p_block, d_out)
+  d_bk = tuple(jnp.sum(dsb[..., None] * qx, axis=4).astype(bk.dtype)
+               for dsb, bk in zip(ds_branch, branch_k))
+  d_bv = tuple(jnp.sum(pb[..., None] * d_out, axis=4).astype(bv.dtype)
+               for pb, bv in zip(p_branch, branch_v))
+  return (d_q, d_pk.astype(pk.dtype), d_pv.astype(pv.dtype), d_k6.astype(k6.dtype),
+          d_v6.astype(v6.dtype), d_bk, d_bv, None, None, None)
+
+
+_thought_attention.defvjp(_thought_attention_fwd, _thought_attention_bwd)
 
 
 def thought_init_vector(embedding_vd, init_id: int, scale: float):
