@@ -6,7 +6,10 @@ Shapes of the `benchmarks/quietstar_step` model at batch 4 x 256 (d 256, ffn 512
 kv heads of 32), fp32. Rows:
 - MLP (SwiGLU): `layers.dense` as one 2-D matmul with its own gradient (`flat=True`, the CPU
   default) against the plain einsum (`flat=False`, the other backends' path);
-- attention: `attention.dot_attention` heads-major (the CPU default) against token-major.
+- attention: `attention.dot_attention` heads-major (the CPU default, with its own gradient)
+  against token-major, under a causal mask given as any mask; then heads-major with the mask
+  known to be causal (`causal=True`, as the text passes give it: query blocks skip the blocks
+  above the diagonal) against the same without.
 Each time is the median of `--iters` calls of the jitted gradient of a scalar of the output,
 the two variants taken in turns so a slow spell of a shared machine hits both alike.
 """
@@ -32,9 +35,10 @@ def mlp_grad(flat: bool):
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
 
 
-def attention_grad(heads_major: bool):
+def attention_grad(heads_major: bool, causal: bool = False):
   def loss(q, k, v, mask):
-    return jnp.sum(attention.dot_attention(q, k, v, mask, heads_major=heads_major) ** 2)
+    out = attention.dot_attention(q, k, v, mask, heads_major=heads_major, causal=causal)
+    return jnp.sum(out ** 2)
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -50,7 +54,9 @@ def main():
   attn_args = (jax.random.normal(keys[4], (B, L, H, E)), jax.random.normal(keys[5], (B, L, K, E)),
                jax.random.normal(keys[6], (B, L, K, E)), mask)
   cases = [("MLP fwd+bwd", "einsum", "flat 2-D matmul", mlp_grad, mlp_args),
-           ("attention fwd+bwd", "token-major", "heads-major", attention_grad, attn_args)]
+           ("attention fwd+bwd", "token-major", "heads-major", attention_grad, attn_args),
+           ("causal attention fwd+bwd", "heads-major, any mask", "heads-major, causal blocks",
+            lambda new: attention_grad(True, causal=new), attn_args)]
   rows = []
   for name, old_name, new_name, make, inputs in cases:
     old, new = make(False), make(True)

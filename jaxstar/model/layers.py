@@ -64,9 +64,10 @@ def _matmul_2d_bwd(out_dtype, residuals, g_no):
   # In the gradient's dtype (fp32 logits of a bf16 model: fp32), cast back to the inputs'.
   dx_ni = jax.lax.dot_general(g_no, w_io.astype(g_no.dtype), (((1,), (1,)), ((), ())))
   # x^T g from a transposed copy of x: XLA:CPU runs a dot that contracts both operands' leading
-  # axes on its Eigen path, asynchronously and beside YNNPACK's threads, and the step is 4-6%
-  # slower that way (`benchmarks/layer_grads.py`); the barrier keeps XLA from folding the
-  # transpose back into the dot. (The einsum's transpose rule copied the larger output gradient.)
+  # axes on its Eigen path, asynchronously and beside YNNPACK's threads; from the copy, YNNPACK
+  # runs it (the benchmark model's plain step 4-6% faster in interleaved runs, scan unrolled).
+  # The barrier keeps XLA from folding the transpose back into the dot. (The einsum's transpose
+  # rule copied the larger output gradient instead.)
   x_in = jax.lax.optimization_barrier(x_ni.astype(g_no.dtype).T)
   dw_io = jax.lax.dot_general(x_in, g_no, (((1,), (0,)), ((), ())))
   return dx_ni.astype(x_ni.dtype), dw_io.astype(w_io.dtype)
