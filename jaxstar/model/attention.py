@@ -133,10 +133,12 @@ def dot_attention(q_blhe, k_bske, v_bske, mask_bls, heads_major: bool | None = N
   and XLA:CPU writes no transposed copies of the [B, K, G, L, S] scores and their gradients,
   and the gradient is computed by hand (`_heads_major_bwd`). With `causal` (the mask hides every
   key after its query; L == S) the queries go in blocks of `CAUSAL_BLOCK`, each against the keys
-  up to its own end, which skips the fully masked blocks above the diagonal. Forward and backward
-  of attention in x0.5 the time of the token-major einsums (`benchmarks/layer_grads.py`). Other
-  backends keep the token-major einsums, which their layout assignment handles (not measured
-  there). `heads_major` forces one or the other (default: `layers.cpu_layouts()`).
+  up to its own end, which skips the fully masked blocks above the diagonal (a query that sees no
+  key at all, as left padding does, then averages its block's values instead of all values: a
+  row no other token reads). Causal attention's forward and backward take about half the time
+  of the token-major einsums (`benchmarks/layer_grads.py`). Other backends keep the token-major
+  einsums, which their layout assignment handles (not measured there). `heads_major` forces one
+  or the other (default: `layers.cpu_layouts()`).
   """
   if not (cpu_layouts() if heads_major is None else heads_major):
     scores = attention_scores(q_blhe, k_bske)

@@ -65,6 +65,8 @@ class ThoughtAttend:
     own_ok_bi: [B, L] bool, False where x_i is padding (its branch and block keys are masked).
     passes: P (static).
     block: Q (static).
+  On the CPU backend (`layers.cpu_layouts()`) it runs heads-major with its own gradient
+  (`_heads_major`); elsewhere as the einsums below.
   """
   prefix_mask_bij: jax.Array
   own_ok_bi: jax.Array
@@ -115,23 +117,21 @@ class ThoughtAttend:
     its batch axes first, so no [.., S]-sized scores or probabilities are transposed, and the
     softmax runs over the prefix, branch and block parts without concatenating them."""
     prefix_k, prefix_v, branch = layer_state
-    b, s_len, kv_heads, e = prefix_k.shape
+    b, _, kv_heads, e = prefix_k.shape
     l = self.own_ok_bi.shape[1]
     p, qn = self.passes, self.block
     h = q.shape[2]
     g = h // kv_heads
-    f32 = upcast(q.dtype)
     heads = lambda a, r: a.reshape(b, p, l, r, kv_heads, e).transpose(0, 4, 1, 2, 3, 5)
     qx = q.reshape(b, p, l, qn, kv_heads, g, e).transpose(0, 4, 1, 2, 3, 5, 6)
-    qx = qx.reshape(b, kv_heads, p, l, qn * g, e).astype(f32) * (e ** -0.5)  # X = Q * G
-    k6, v6 = heads(k, qn), heads(v, qn)                          # [B, K, P, L, Q, E]
-    branch = [(heads(bk, 1)[..., 0, :], heads(bv, 1)[..., 0, :]) for bk, bv in branch]
-    pk, pv = prefix_k.transpose(0, 2, 1, 3), prefix_v.transpose(0, 2, 1, 3)   # [B, K, S, E]
-
+    qx = qx.reshape(b, kv_heads, p, l, qn * g, e).astype(upcast(q.dtype)) * (e ** -0.5)
     causal = (jnp.arange(qn * g)[:, None] // g) >= jnp.arange(qn)[None, :]     # [X, Q]
-    out = _thought_attention(qx, pk, pv, k6, v6, tuple(bk for bk, _ in branch),
-                             tuple(bv for _, bv in branch), self.prefix_mask_bij,
-                             self.own_ok_bi, causal)
+    out = _thought_attention(
+        qx, prefix_k.transpose(0, 2, 1, 3), prefix_v.transpose(0, 2, 1, 3),   # [B, K, S, E]
+        heads(k, qn), heads(v, qn),                                          # [B, K, P, L, Q, E]
+        tuple(heads(bk, 1)[..., 0, :] for bk, _ in branch),                  # [B, K, P, L, E]
+        tuple(heads(bv, 1)[..., 0, :] for _, bv in branch),
+        self.prefix_mask_bij, self.own_ok_bi, causal)
     out = out.astype(v.dtype).reshape(b, kv_heads, p, l, qn, g, e)
     return out.transpose(0, 2, 3, 4, 1, 5, 6).reshape(b * p, l * qn, h, e)
 
