@@ -117,11 +117,9 @@ class ThoughtAttend:
     its batch axes first, so no [.., S]-sized scores or probabilities are transposed, and the
     softmax runs over the prefix, branch and block parts without concatenating them."""
     prefix_k, prefix_v, branch = layer_state
-    b, _, kv_heads, e = prefix_k.shape
-    l = self.own_ok_bi.shape[1]
-    p, qn = self.passes, self.block
-    h = q.shape[2]
-    g = h // kv_heads
+    (b, l), p, qn = self.own_ok_bi.shape, self.passes, self.block
+    kv_heads, e = k.shape[2:]
+    g = q.shape[2] // kv_heads
     heads = lambda a, r: a.reshape(b, p, l, r, kv_heads, e).transpose(0, 4, 1, 2, 3, 5)
     qx = q.reshape(b, p, l, qn, kv_heads, g, e).transpose(0, 4, 1, 2, 3, 5, 6)
     qx = qx.reshape(b, kv_heads, p, l, qn * g, e).astype(upcast(q.dtype)) * (e ** -0.5)
@@ -133,7 +131,7 @@ class ThoughtAttend:
         tuple(heads(bv, 1)[..., 0, :] for _, bv in branch),
         self.prefix_mask_bij, self.own_ok_bi, causal)
     out = out.astype(v.dtype).reshape(b, kv_heads, p, l, qn, g, e)
-    return out.transpose(0, 2, 3, 4, 1, 5, 6).reshape(b * p, l * qn, h, e)
+    return out.transpose(0, 2, 3, 4, 1, 5, 6).reshape(q.shape)
 
 
 def _thought_probs(qx, pk, k6, branch_k, prefix_mask_bij, own_ok_bi, causal_xq):
