@@ -105,7 +105,7 @@ def _heads_major_fwd(q_bkgle, k_bkse, v_bkse, mask_bls):
   scores = _masked_scores(q_bkgle, k_bkse, mask_bls)
   # The row's max and the reciprocal of its sum, kept apart: max + log(sum) rounds back to the
   # max for a fully masked row (MASK_VALUE is huge), which would turn its average into a sum.
-  top = jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True))
+  top = scores.max(axis=-1, keepdims=True)
   unnormalized = jnp.exp(scores - top)
   inv_sum = 1.0 / unnormalized.sum(axis=-1, keepdims=True)
   probs = unnormalized * inv_sum

@@ -171,8 +171,8 @@ def _thought_attention(qx, pk, pv, k6, v6, branch_k, branch_v, prefix_mask_bij, 
   """`ThoughtAttend` heads-major ('bkpixe'): queries qx [B, K, P, L, X, E] (fp32, pre-scaled)
   against the prefix pk/pv [B, K, S, E], the block k6/v6 [B, K, P, L, Q, E] and the branch keys
   (one [B, K, P, L, E] pair per earlier pass). Returns [B, K, P, L, X, E] in fp32."""
-  probs = _thought_probs(qx, pk, k6, branch_k, prefix_mask_bij, own_ok_bi, causal_xq)
-  return _thought_values(probs, pv, v6, branch_v)
+  return _thought_attention_fwd(qx, pk, pv, k6, v6, branch_k, branch_v, prefix_mask_bij,
+                                own_ok_bi, causal_xq)[0]
 
 
 def _thought_attention_fwd(qx, pk, pv, k6, v6, branch_k, branch_v, prefix_mask_bij, own_ok_bi,
